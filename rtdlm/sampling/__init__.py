@@ -1,0 +1,77 @@
+"""Token sampling: configs, pure logits processors, exact sort-free filters, `sample()`.
+
+The names of the RT-DLM sampling guide (`from core.sampling import X` reads
+`from rtdlm.sampling import X`), plus the functional API they are built on.
+"""
+
+from rtdlm.sampling.config import (
+    PRESETS,
+    SamplingConfig,
+    create_sampling_config_balanced,
+    create_sampling_config_creative,
+    create_sampling_config_deterministic,
+    create_sampling_config_precise,
+)
+from rtdlm.sampling.filters import truncate
+from rtdlm.sampling.processors import (
+    DEFAULT_PROCESSORS,
+    Processor,
+    SamplingState,
+    apply_logit_bias,
+    apply_presence_frequency_penalties,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_truncation,
+    chain,
+    filter_min_p,
+    filter_top_k,
+    filter_top_p,
+    filter_typical_p,
+    is_greedy,
+    mask_banned_tokens,
+    mask_eos_before_min_new_tokens,
+    token_counts,
+)
+from rtdlm.sampling.sampler import (
+    SamplingResult,
+    TokenSampler,
+    draw,
+    process_logits,
+    row_keys,
+    sample,
+    sample_processed,
+)
+
+__all__ = [
+    "DEFAULT_PROCESSORS",
+    "PRESETS",
+    "Processor",
+    "SamplingConfig",
+    "SamplingResult",
+    "SamplingState",
+    "TokenSampler",
+    "apply_logit_bias",
+    "apply_presence_frequency_penalties",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "apply_truncation",
+    "chain",
+    "create_sampling_config_balanced",
+    "create_sampling_config_creative",
+    "create_sampling_config_deterministic",
+    "create_sampling_config_precise",
+    "draw",
+    "filter_min_p",
+    "filter_top_k",
+    "filter_top_p",
+    "filter_typical_p",
+    "is_greedy",
+    "mask_banned_tokens",
+    "mask_eos_before_min_new_tokens",
+    "process_logits",
+    "row_keys",
+    "sample",
+    "sample_processed",
+    "token_counts",
+    "truncate",
+]

@@ -1,0 +1,220 @@
+"""`sample()`: process -> truncate -> draw, and the guide's `TokenSampler` facade."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from rtdlm.sampling.config import SamplingConfig
+from rtdlm.sampling.processors import (
+    DEFAULT_PROCESSORS,
+    Processor,
+    SamplingState,
+    token_counts,
+)
+
+_DRAW_BLOCK = 256  # two-level inverse CDF: cumsum over blocks, then inside one block
+
+
+@struct.dataclass
+class SamplingResult:
+    """One draw per row. Leading `[B]` is absent when the logits were `[V]`."""
+
+    token_id: jax.Array  # [B] int32
+    probability: jax.Array  # [B] probability of token_id under the distribution drawn from
+    logprob: jax.Array  # [B] its log
+    all_probabilities: jax.Array  # [B, V] that distribution, vocabulary order
+    top_token_ids: jax.Array  # [B, n] the n most probable tokens, descending
+    top_probabilities: jax.Array  # [B, n]
+
+
+def _as_batch(logits, token_history):
+    """Checks shapes; returns [B, V] float32 logits, [B, H] history or None, and squeeze."""
+    logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be a float array, got dtype {logits.dtype}")
+    if logits.ndim not in (1, 2):
+        raise ValueError(f"logits must be [V] or [B, V], got shape {logits.shape}")
+    squeeze = logits.ndim == 1
+    logits = jnp.atleast_2d(logits).astype(jnp.float32)
+    if token_history is not None:
+        token_history = jnp.asarray(token_history)
+        if token_history.size == 0:
+            token_history = None
+        elif not jnp.issubdtype(token_history.dtype, jnp.integer):
+            raise TypeError(f"token_history must hold integer token ids, got {token_history.dtype}")
+        elif token_history.ndim != logits.ndim or (squeeze and token_history.ndim != 1):
+            raise ValueError(
+                f"token_history must be [H] for [V] logits or [B, H] for [B, V] logits, "
+                f"got {token_history.shape} for logits {logits.shape[1:] if squeeze else logits.shape}"
+            )
+        else:
+            token_history = jnp.atleast_2d(token_history)
+            if token_history.shape[0] != logits.shape[0]:
+                raise ValueError(
+                    f"token_history has {token_history.shape[0]} rows, logits {logits.shape[0]}")
+    return logits, token_history, squeeze
+
+
+def _check_config(config: SamplingConfig, batch: int, squeeze: bool) -> None:
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    rows = config.batch_size()
+    if rows is not None and (rows != batch or squeeze):
+        raise ValueError(f"SamplingConfig has per-row values for {rows} rows, logits have "
+                         f"{'no batch axis' if squeeze else f'{batch} rows'}")
+
+
+def _state_from_history(token_history, vocab: int) -> SamplingState:
+    if token_history is None:
+        return SamplingState()
+    num_generated = jnp.sum(token_history >= 0, axis=-1).astype(jnp.int32)
+    return SamplingState(token_counts(token_history, vocab), num_generated)
+
+
+def process_logits(
+    logits: jax.Array,
+    config: SamplingConfig,
+    token_history: jax.Array | None = None,
+    *,
+    state: SamplingState | None = None,
+    processors: Processor = DEFAULT_PROCESSORS,
+) -> jax.Array:
+    """The whole processor chain: `[V]` or `[B, V]` logits -> float32, removed tokens -inf.
+
+    Args:
+      logits: [V] or [B, V], any float dtype (computed in float32).
+      config: the sampling settings (scalars or one value per row).
+      token_history: [H] or [B, H] previously seen token ids, -1 = padding. It feeds the
+        penalties, and its non-padding length counts as the tokens generated so far.
+      state: instead of `token_history`, precomputed counts (what the decode loop keeps).
+      processors: the chain to apply (default: `DEFAULT_PROCESSORS`).
+    """
+    logits, token_history, squeeze = _as_batch(logits, token_history)
+    _check_config(config, logits.shape[0], squeeze)
+    if state is None:
+        state = _state_from_history(token_history, logits.shape[1])
+    processed = processors(logits, config, state)
+    return processed[0] if squeeze else processed
+
+
+def row_keys(key: jax.Array, config: SamplingConfig, batch: int) -> jax.Array:
+    """[B] keys. With `config.seed`, row b's key is `fold_in(key, seed[b])`, so a row's draw
+    does not depend on the other rows in the batch; otherwise `split(key, B)`."""
+    if config.seed is None:
+        return jax.random.split(key, batch)
+    seeds = jnp.broadcast_to(jnp.asarray(config.seed, jnp.uint32), (batch,))
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, seeds)
+
+
+def draw(keys: jax.Array, weights: jax.Array) -> jax.Array:
+    """Inverse-CDF draw, one uniform per row: P(i) = weights[b, i] / sum(weights[b]).
+
+    keys: [B]; weights: [B, V] >= 0 with a positive sum. Two levels (blocks, then inside one
+    block) so no [B, V] cumulative sum is needed. Returns [B] int32, always a positive-weight
+    token, even when float rounding puts the uniform past the last one.
+    """
+    batch, vocab = weights.shape
+    blocks = -(-vocab // _DRAW_BLOCK)
+    padded = jnp.pad(weights, ((0, 0), (0, blocks * _DRAW_BLOCK - vocab)))
+    padded = padded.reshape(batch, blocks, _DRAW_BLOCK)
+    block_mass = jnp.sum(padded, axis=-1)  # [B, blocks]
+    block_end = jnp.cumsum(block_mass, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys) * block_end[:, -1]  # [B]
+
+    def first_above(cumulative, target, mass):
+        # first index whose cumulative sum exceeds target; clamp to the last positive one
+        index = jnp.sum(cumulative <= target[:, None], axis=-1)
+        last_positive = mass.shape[-1] - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)
+        return jnp.minimum(index, last_positive)
+
+    block = first_above(block_end, u, block_mass)  # [B]
+    inside = jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0]  # [B, block]
+    before = jnp.take_along_axis(block_end - block_mass, block[:, None], axis=1)[:, 0]
+    offset = first_above(jnp.cumsum(inside, axis=-1), u - before, inside)
+    return (block * _DRAW_BLOCK + offset).astype(jnp.int32)
+
+
+def sample_processed(keys: jax.Array, processed: jax.Array, num_top_tokens: int = 10) -> SamplingResult:
+    """Draws from already processed `[B, V]` logits (-inf = removed) with `[B]` keys."""
+    row_max = jnp.max(processed, axis=-1, keepdims=True)
+    weights = jnp.exp(processed - row_max)  # [B, V]
+    token = draw(keys, weights)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    probabilities = weights / total
+    chosen = jnp.take_along_axis(processed, token[:, None], axis=-1)[:, 0]
+    logprob = chosen - row_max[:, 0] - jnp.log(total[:, 0])
+    top_probabilities, top_ids = jax.lax.top_k(probabilities, min(num_top_tokens, processed.shape[-1]))
+    return SamplingResult(
+        token_id=token,
+        probability=jnp.take_along_axis(probabilities, token[:, None], axis=-1)[:, 0],
+        logprob=logprob,
+        all_probabilities=probabilities,
+        top_token_ids=top_ids.astype(jnp.int32),
+        top_probabilities=top_probabilities,
+    )
+
+
+def sample(
+    key: jax.Array,
+    logits: jax.Array,
+    config: SamplingConfig,
+    token_history: jax.Array | None = None,
+    *,
+    state: SamplingState | None = None,
+    processors: Processor = DEFAULT_PROCESSORS,
+) -> SamplingResult:
+    """Samples one token per row. Pure: jit- and vmap-able; values in `config` are traced.
+
+    Args:
+      key: a PRNG key (`jax.random.key` or `PRNGKey`).
+      logits: [V] or [B, V] float32/bfloat16.
+      config: `SamplingConfig`; greedy rows (temperature 0 or do_sample False) take the
+        argmax of the processed logits and report probability 1.
+      token_history: [H] or [B, H] int token ids, -1 = padding (for the penalties).
+
+    Outcome for degenerate rows: NaN logits count as removed; a row with nothing finite
+    samples uniformly (greedy: token 0). The result never holds NaN.
+
+    Example:
+      >>> result = sample(jax.random.key(0), logits, SamplingConfig(temperature=0.7, top_p=0.9))
+      >>> result.token_id, result.probability
+    """
+    logits, token_history, squeeze = _as_batch(logits, token_history)
+    processed = process_logits(logits, config, token_history, state=state, processors=processors)
+    result = sample_processed(row_keys(key, config, logits.shape[0]), processed, config.num_top_tokens)
+    return jax.tree.map(lambda x: x[0], result) if squeeze else result
+
+
+_sample_jit = jax.jit(sample, static_argnames="processors")
+
+
+class TokenSampler:
+    """The guide's facade: `TokenSampler().sample(logits, config, token_history=[...])`.
+
+    Keeps its own PRNG key, so consecutive calls draw fresh tokens and a new sampler with
+    the same seed (`config.seed`, else `seed` here) replays the same sequence. Calls one
+    compiled `sample` per shape; new config values do not recompile.
+    """
+
+    def __init__(self, seed: int = 0):
+        self._seed = seed
+        self._key: jax.Array | None = None
+        self._key_seed: object = None
+
+    def sample(self, logits, config: SamplingConfig | None = None, token_history=None) -> SamplingResult:
+        config = SamplingConfig() if config is None else config
+        logits = np.asarray(logits) if not isinstance(logits, jax.Array) else logits
+        if not jnp.issubdtype(logits.dtype, jnp.floating):
+            raise TypeError(f"logits must be a float array, got dtype {logits.dtype}")
+        if bool(jnp.isnan(logits).any()):
+            raise ValueError("logits contain NaN")
+        if token_history is not None:
+            token_history = np.asarray(token_history, dtype=np.int32)
+        seed = self._seed if config.seed is None else np.asarray(config.seed).reshape(-1)[0].item()
+        if self._key is None or seed != self._key_seed:
+            self._key, self._key_seed = jax.random.key(seed), seed
+        self._key, key = jax.random.split(self._key)
+        return _sample_jit(key, logits, config, token_history)
