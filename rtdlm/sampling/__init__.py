@@ -36,13 +36,29 @@ from rtdlm.sampling.sampler import (
     SamplingResult,
     TokenSampler,
     draw,
+    probabilities,
     process_logits,
     row_keys,
     sample,
     sample_processed,
 )
 
+_DECODERS = ("SpeculativeDecoder", "SelfSpeculativeDecoder")
+
+
+def __getattr__(name):
+    # The guide imports the speculative decoders from the sampling module; they live in
+    # rtdlm.decoding (which imports this package), so they are resolved lazily.
+    if name in _DECODERS:
+        import rtdlm.decoding
+
+        return getattr(rtdlm.decoding, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "SelfSpeculativeDecoder",
+    "SpeculativeDecoder",
     "DEFAULT_PROCESSORS",
     "PRESETS",
     "Processor",
@@ -68,6 +84,7 @@ __all__ = [
     "is_greedy",
     "mask_banned_tokens",
     "mask_eos_before_min_new_tokens",
+    "probabilities",
     "process_logits",
     "row_keys",
     "sample",

@@ -160,6 +160,22 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig per-row fields disagree on the batch size: {sorted(sizes)}")
         return sizes.pop() if sizes else None
 
+    def repeat_rows(self, repeats: int) -> SamplingConfig:
+        """The config for a batch where each row is repeated `repeats` times in a row
+        (`jnp.repeat(x, repeats, axis=0)`), e.g. to process [B, T, V] logits as [B*T, V]."""
+        import jax.numpy as jnp
+
+        def expand(value, per_row_ndim):
+            if value is None or jnp.ndim(value) != per_row_ndim:
+                return value  # shared by every row
+            return jnp.repeat(jnp.asarray(value), repeats, axis=0)
+
+        updates = {name: expand(getattr(self, name), 1) for name in _FIELDS}
+        updates["banned_token_ids"] = expand(self.banned_token_ids, 2)
+        if self.logit_bias is not None:
+            updates["logit_bias"] = tuple(expand(v, 2) for v in self.logit_bias)
+        return self.replace(**updates)
+
     def _row_leaves(self):
         return [getattr(self, name) for name in _FIELDS if getattr(self, name) is not None]
 

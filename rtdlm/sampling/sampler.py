@@ -137,6 +137,12 @@ def draw(keys: jax.Array, weights: jax.Array) -> jax.Array:
     return (block * _DRAW_BLOCK + offset).astype(jnp.int32)
 
 
+def probabilities(processed: jax.Array) -> jax.Array:
+    """Softmax of processed logits (-inf = removed; at least one finite per row)."""
+    weights = jnp.exp(processed - jnp.max(processed, axis=-1, keepdims=True))
+    return weights / jnp.sum(weights, axis=-1, keepdims=True)
+
+
 def sample_processed(keys: jax.Array, processed: jax.Array, num_top_tokens: int = 10) -> SamplingResult:
     """Draws from already processed `[B, V]` logits (-inf = removed) with `[B]` keys."""
     row_max = jnp.max(processed, axis=-1, keepdims=True)
