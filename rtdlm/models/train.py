@@ -1,0 +1,547 @@
+"""Training loop for the reference transformer (optax AdamW, early-exit loss).
+
+Usage::
+
+    python -m rtdlm.models.train --config configs/models/target.yaml
+    python -m rtdlm train --config configs/models/target.yaml      # same, via the CLI
+
+A config file has three sections (see `configs/models/*.yaml`)::
+
+    name: target
+    model: {d_model: 256, num_layers: 8, ...}     # TransformerConfig fields
+    train: {batch_size: 16, seq_len: 256, ...}    # TrainConfig fields
+    output_dir: runs/target                       # checkpoints, log, plot
+    export: rtdlm/models/weights/target.msgpack   # optional float16 export
+
+Loss: next-byte cross-entropy of the last layer plus `exit_loss_weight` times
+the mean cross-entropy of the early exits (`exit_layers`, each read through the
+shared final norm and head, LayerSkip-style), so early exits make good drafts
+for self-speculative decoding. Every `eval_every` steps the validation
+bits-per-byte (cross-entropy in nats / ln 2) of every layer's exit is logged
+and a sample is generated under jit with `rtdlm.decoding.generate`.
+
+Outputs in `output_dir`: `checkpoint.msgpack` (float32 parameters, optimizer
+state and step; `--resume` continues from it), `model.msgpack` (final float32
+model, loadable with `rtdlm.models.load_model(path)`), `log.json` and
+`loss.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rtdlm.models import data as data_lib
+from rtdlm.models.transformer import (
+    Transformer,
+    create_model,
+    load_config,
+    model_from_bytes,
+    model_to_bytes,
+    param_count,
+    save_model,
+)
+
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, data and evaluation settings (the `train:` section of a config).
+
+    Attributes:
+      batch_size, seq_len: training windows per step and their length in bytes.
+      steps: number of optimizer steps.
+      learning_rate: peak learning rate, reached after `warmup_steps` of linear
+        warm-up, then cosine decay to `learning_rate * final_lr_ratio`.
+      weight_decay: AdamW decoupled weight decay on matrices (not norm scales).
+      b1, b2: Adam moment decay rates.
+      grad_clip: global-norm gradient clipping threshold.
+      exit_layers: early exits trained with the auxiliary loss: "all" (every
+        layer below the last) or a list of ints in 1..num_layers-1.
+      exit_loss_weight: weight of the mean early-exit cross-entropy.
+      eval_every: steps between evaluations (validation bpb + a sample).
+      eval_batches: validation batches (of `batch_size` windows) per periodic eval.
+      final_eval_batches: validation batches for the final evaluation.
+      log_every: steps between logged training losses.
+      sample_prompt: prompt for the eval sample.
+      sample_max_new_tokens: bytes generated per eval sample (0: no sample).
+      sample_preset: name of a `rtdlm.sampling` preset ("balanced", ...).
+      sample_temperature: overrides the preset's temperature if set.
+      seed: parameter init and data order seed.
+      validation_fraction: share of corpus files held out.
+    """
+
+    batch_size: int = 16
+    seq_len: int = 256
+    steps: int = 1000
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    exit_layers: Any = "all"
+    exit_loss_weight: float = 0.5
+    eval_every: int = 250
+    eval_batches: int = 8
+    final_eval_batches: int = 32
+    log_every: int = 10
+    sample_prompt: str = "def "
+    sample_max_new_tokens: int = 200
+    sample_preset: str = "balanced"
+    sample_temperature: float | None = 0.7
+    seed: int = 0
+    validation_fraction: float = 0.05
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown train config keys: {sorted(unknown)}")
+        values = dict(values)
+        if isinstance(values.get("exit_layers"), list):
+            values["exit_layers"] = tuple(values["exit_layers"])
+        return cls(**values)
+
+
+def resolve_exit_layers(exit_layers: Any, num_layers: int) -> tuple[int, ...]:
+    """The early exits (ints in 1..num_layers-1, sorted) named by a config value."""
+    if exit_layers in (None, "none", ()):
+        return ()
+    if exit_layers == "all":
+        return tuple(range(1, num_layers))
+    layers = tuple(sorted({int(e) for e in exit_layers}))
+    for e in layers:
+        if not 1 <= e < num_layers:
+            raise ValueError(f"exit layer {e} must be in 1..{num_layers - 1}")
+    return layers
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats. logits [B, T, V] float32, targets [B, T]."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, T, V]
+    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    return -jnp.mean(picked)
+
+
+def exit_losses(
+    model: Transformer, inputs: jax.Array, targets: jax.Array, exits: Sequence[int]
+) -> jax.Array:
+    """Cross-entropy after each layer in `exits` (ascending; may include num_layers).
+
+    One pass through the layers: the residual stream is read out through the
+    shared final norm + head at each requested exit. Returns [len(exits)] nats.
+    """
+    batch, length = inputs.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    hidden = model.embed(inputs)  # [B, T, D]
+    losses, done = [], 0
+    for layer in exits:
+        hidden, _ = model.run_layers(hidden, positions, None, done, layer)
+        losses.append(cross_entropy(model.logits(hidden), targets))
+        done = layer
+    return jnp.stack(losses)
+
+
+def training_loss(model, inputs, targets, exits: tuple[int, ...], exit_weight: float):
+    """final CE + exit_weight * mean(early-exit CEs). Returns (loss, final CE)."""
+    losses = exit_losses(model, inputs, targets, (*exits, model.num_layers))  # [E + 1]
+    final = losses[-1]
+    loss = final + (exit_weight * jnp.mean(losses[:-1]) if exits else 0.0)
+    return loss, final
+
+
+def make_optimizer(config: TrainConfig, params) -> tuple[optax.GradientTransformation, Any]:
+    """AdamW with linear warm-up + cosine decay and global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * config.final_lr_ratio,
+    )
+    # Decay matrices only (embedding, projections, head), not RMSNorm scales.
+    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.adamw(
+            schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: float32 model bytes + optimizer-state leaves + step.
+
+
+def save_checkpoint(path: str, model: Transformer, opt_state, step: int) -> None:
+    """Writes a resumable checkpoint (atomically: temp file, then rename)."""
+    from flax import serialization
+
+    leaves = jax.tree.leaves(opt_state)
+    payload = {
+        "format": "rtdlm-train-checkpoint-v1",
+        "step": int(step),
+        "model": model_to_bytes(model, dtype=None),
+        "opt_state": {str(i): np.asarray(leaf) for i, leaf in enumerate(leaves)},
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(serialization.msgpack_serialize(payload))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, opt_state_template=None):
+    """Returns (model, opt_state or None, step) from `save_checkpoint`'s file.
+
+    `opt_state_template` (e.g. `tx.init(params)`) gives the optimizer state's
+    structure; without it only the model and step are restored.
+    """
+    from flax import serialization
+
+    with open(path, "rb") as f:
+        payload = serialization.msgpack_restore(f.read())
+    if payload.get("format") != "rtdlm-train-checkpoint-v1":
+        raise ValueError(f"{path} is not an rtdlm training checkpoint")
+    model, _ = model_from_bytes(payload["model"])
+    opt_state = None
+    if opt_state_template is not None:
+        stored = payload["opt_state"]
+        leaves = [jnp.asarray(stored[str(i)]) for i in range(len(stored))]
+        structure = jax.tree.structure(opt_state_template)
+        if structure.num_leaves != len(leaves):
+            raise ValueError("optimizer state in checkpoint does not match the optimizer")
+        opt_state = jax.tree.unflatten(structure, leaves)
+    return model, opt_state, int(payload["step"])
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+
+
+def make_eval_fn(num_layers: int):
+    """jit-compiled (model, inputs, targets) -> [num_layers] CE (nats) of every exit 1..L."""
+
+    @jax.jit
+    def eval_fn(model, inputs, targets):
+        return exit_losses(model, inputs, targets, tuple(range(1, num_layers + 1)))
+
+    return eval_fn
+
+
+def evaluate(model: Transformer, eval_fn, batches) -> dict[int, float]:
+    """Validation bits-per-byte of each exit layer: {layer: bpb} (layer num_layers = final)."""
+    total = np.zeros(model.num_layers)
+    for inputs, targets in batches:
+        total += np.asarray(eval_fn(model, jnp.asarray(inputs), jnp.asarray(targets)))
+    bpb = total / len(batches) / LN2
+    return {layer + 1: float(v) for layer, v in enumerate(bpb)}
+
+
+def sample_text(
+    model: Transformer,
+    prompt: str,
+    *,
+    seed: int = 0,
+    max_new_tokens: int = 200,
+    preset: str = "balanced",
+    temperature: float | None = None,
+) -> str | None:
+    """Generates a continuation with `rtdlm.decoding.generate` (one compiled program).
+
+    Returns the prompt + continuation as text, or None (with a note on stderr)
+    if the decoding package is not available.
+    """
+    try:
+        from rtdlm import sampling
+        from rtdlm.decoding import generate
+    except ImportError as err:  # decoding / sampling not importable: skip the sample
+        print(f"[train] sample skipped: rtdlm.decoding.generate unavailable ({err})",
+              file=sys.stderr)
+        return None
+    config = getattr(sampling, f"create_sampling_config_{preset}")()
+    if temperature is not None:
+        config = dataclasses.replace(config, temperature=temperature)
+    prompt_tokens = jnp.asarray(data_lib.encode(prompt))[None, :]  # [1, P]
+    out = generate(
+        model,
+        prompt_tokens,
+        key=jax.random.key(seed),
+        config=config,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=data_lib.EOS_ID,
+    )
+    length = int(out.lengths[0])
+    return prompt + data_lib.decode(np.asarray(out.tokens[0, :length]))
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: Transformer
+    log: dict
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def train(
+    config: Mapping[str, Any] | str | os.PathLike,
+    *,
+    output_dir: str | None = None,
+    steps: int | None = None,
+    resume: bool = False,
+    export: str | None = None,
+    progress: bool = True,
+    corpus: data_lib.Corpus | None = None,
+) -> TrainResult:
+    """Trains a model from a config dict or YAML path; see the module docstring.
+
+    Args:
+      config: dict with "model", "train" and optional "name", "output_dir",
+        "export" keys, or a path to such a YAML file.
+      output_dir: overrides the config's output_dir.
+      steps: overrides `train.steps` (e.g. for a quick check).
+      resume: continue from `output_dir/checkpoint.msgpack` if present.
+      export: path for a float16 copy of the final model (overrides the
+        config's `export`; "" disables it).
+      progress: show a rich progress bar.
+      corpus: a preloaded corpus (default: the stdlib corpus).
+
+    Returns:
+      TrainResult(model, log), where log is what is written to log.json.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    full_config = load_config(config)
+    name = full_config.get("name", "model")
+    model_config = dict(full_config["model"])
+    train_values = dict(full_config.get("train", {}))
+    if steps is not None:
+        train_values["steps"] = int(steps)
+    tc = TrainConfig.from_dict(train_values)
+    output_dir = output_dir or full_config.get("output_dir") or os.path.join("runs", name)
+    export = full_config.get("export") if export is None else export
+    os.makedirs(output_dir, exist_ok=True)
+    console = Console(stderr=True)
+
+    corpus = corpus or data_lib.load_stdlib_corpus(validation_fraction=tc.validation_fraction)
+    model = create_model(model_config, nnx.Rngs(tc.seed))
+    num_layers = model.num_layers
+    exits = resolve_exit_layers(tc.exit_layers, num_layers)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, schedule = make_optimizer(tc, params)
+    opt_state = tx.init(params)
+    start_step = 0
+    checkpoint_path = os.path.join(output_dir, "checkpoint.msgpack")
+    if resume and os.path.exists(checkpoint_path):
+        model, opt_state, start_step = load_checkpoint(checkpoint_path, opt_state)
+        graphdef, params = nnx.split(model, nnx.Param)
+        console.print(f"[train] resumed from {checkpoint_path} at step {start_step}")
+
+    console.print(
+        f"[train] {name}: {param_count(model):,} parameters, {num_layers} layers, exits "
+        f"{list(exits)} (weight {tc.exit_loss_weight}); corpus {corpus.summary()}"
+    )
+
+    @jax.jit
+    def train_step(params, opt_state, inputs, targets):
+        def loss_fn(params):
+            return training_loss(
+                nnx.merge(graphdef, params), inputs, targets, exits, tc.exit_loss_weight
+            )
+
+        (loss, final_ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss, final_ce, optax.global_norm(grads)
+
+    eval_fn = make_eval_fn(num_layers)
+    val_batches = data_lib.fixed_batches(
+        corpus.validation, tc.final_eval_batches, tc.batch_size, tc.seq_len
+    )
+    # Different data order after a resume, but still a deterministic function of the seed.
+    batches = data_lib.batch_iterator(corpus.train, tc.batch_size, tc.seq_len,
+                                      seed=tc.seed + start_step)
+
+    log: dict[str, Any] = {
+        "name": name,
+        "model": model.config.to_dict(),
+        "train": {k: _jsonable(v) for k, v in dataclasses.asdict(tc).items()},
+        "exit_layers": list(exits),
+        "param_count": param_count(model),
+        "corpus": corpus.summary(),
+        "backend": jax.default_backend(),
+        "history": [],
+        "evals": [],
+    }
+
+    def run_eval(step: int, num_batches: int) -> dict:
+        current = nnx.merge(graphdef, params)
+        bpb = evaluate(current, eval_fn, val_batches[:num_batches])
+        entry = {"step": step, "val_bpb": bpb[num_layers], "val_bpb_per_exit": bpb}
+        if tc.sample_max_new_tokens > 0:
+            entry["sample"] = sample_text(
+                current, tc.sample_prompt, seed=tc.seed + step,
+                max_new_tokens=tc.sample_max_new_tokens, preset=tc.sample_preset,
+                temperature=tc.sample_temperature,
+            )
+        exits_text = " ".join(f"L{k}={v:.3f}" for k, v in bpb.items())
+        console.print(f"[train] step {step}: val bpb {bpb[num_layers]:.4f} (exits {exits_text})")
+        if entry.get("sample") is not None:
+            console.print("[train] sample:\n" + entry["sample"], markup=False, highlight=False)
+        log["evals"].append(entry)
+        return entry
+
+    start_time = time.time()
+    recent_losses: list[float] = []
+    columns = [
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} step/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task(f"train {name}", total=tc.steps, completed=start_step,
+                            loss="-", rate="-")
+        step_timer = time.time()
+        for step in range(start_step + 1, tc.steps + 1):
+            inputs, targets = next(batches)
+            params, opt_state, loss, final_ce, grad_norm = train_step(
+                params, opt_state, jnp.asarray(inputs), jnp.asarray(targets)
+            )
+            if step % tc.log_every == 0 or step == tc.steps:
+                loss, final_ce = float(loss), float(final_ce)  # one host sync per log
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step}")
+                recent_losses.append(loss)
+                rate = tc.log_every / max(time.time() - step_timer, 1e-9)
+                step_timer = time.time()
+                log["history"].append({
+                    "step": step, "loss": loss, "train_bpb": final_ce / LN2,
+                    "grad_norm": float(grad_norm), "lr": float(schedule(step - 1)),
+                    "elapsed_s": time.time() - start_time,
+                })
+                bar.update(task, loss=f"{loss:.3f}", rate=f"{rate:.2f}")
+                if not progress:
+                    console.print(f"[train] step {step} loss {loss:.4f} "
+                                  f"bpb {final_ce / LN2:.3f} {rate:.2f} step/s")
+            bar.update(task, completed=step)
+            if step % tc.eval_every == 0 and step != tc.steps:
+                run_eval(step, tc.eval_batches)
+                save_checkpoint(checkpoint_path, nnx.merge(graphdef, params), opt_state, step)
+                _write_outputs(output_dir, log)
+                step_timer = time.time()
+
+    train_time = time.time() - start_time
+    model = nnx.merge(graphdef, params)
+    final = run_eval(tc.steps, tc.final_eval_batches)
+    log["train_wall_time_s"] = train_time
+    log["final"] = {
+        "val_bpb": final["val_bpb"], "val_bpb_per_exit": final["val_bpb_per_exit"],
+        "eval_windows": tc.final_eval_batches * tc.batch_size,
+    }
+    save_checkpoint(checkpoint_path, model, opt_state, tc.steps)
+    save_model(model, os.path.join(output_dir, "model.msgpack"), dtype=None)
+    if export:
+        os.makedirs(os.path.dirname(os.path.abspath(export)), exist_ok=True)
+        save_model(model, export, dtype="float16", metadata={
+            "name": name, "steps": tc.steps, "train_wall_time_s": round(train_time, 1),
+            "val_bpb_per_exit": final["val_bpb_per_exit"], "corpus": corpus.summary(),
+        })
+        # Quality of the float16 file as loaded (cast back to float32).
+        from rtdlm.models.transformer import load_model
+
+        exported = load_model(export)
+        log["final"]["export"] = export
+        log["final"]["export_val_bpb_per_exit"] = evaluate(
+            exported, eval_fn, val_batches[: tc.final_eval_batches]
+        )
+        console.print(f"[train] exported float16 weights to {export}: val bpb "
+                      f"{log['final']['export_val_bpb_per_exit'][num_layers]:.4f}")
+    _write_outputs(output_dir, log)
+    console.print(f"[train] done in {train_time:.0f} s; outputs in {output_dir}")
+    return TrainResult(model=model, log=log)
+
+
+def _write_outputs(output_dir: str, log: dict) -> None:
+    """log.json and loss.png (train loss; validation bpb of each exit)."""
+    with open(os.path.join(output_dir, "log.json"), "w", encoding="utf-8") as f:
+        json.dump(log, f, indent=1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if log["history"]:
+        steps = [h["step"] for h in log["history"]]
+        ax.plot(steps, [h["train_bpb"] for h in log["history"]], label="train bpb (final layer)",
+                color="0.6", linewidth=1)
+    if log["evals"]:
+        steps = [e["step"] for e in log["evals"]]
+        layers = sorted(log["evals"][-1]["val_bpb_per_exit"])
+        for layer in layers:
+            ax.plot(steps, [e["val_bpb_per_exit"][layer] for e in log["evals"]], marker="o",
+                    markersize=3, label=f"val bpb, exit {layer}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"{log['name']}: {log['param_count']:,} parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "loss.png"), dpi=110)
+    plt.close(fig)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: `python -m rtdlm.models.train --config PATH [options]`."""
+    parser = argparse.ArgumentParser(
+        prog="rtdlm train", description="Train the reference byte-level transformer."
+    )
+    parser.add_argument("--config", required=True, help="YAML config (configs/models/*.yaml)")
+    parser.add_argument("--output-dir", default=None, help="overrides the config's output_dir")
+    parser.add_argument("--steps", type=int, default=None, help="overrides train.steps")
+    parser.add_argument("--export", default=None,
+                        help="float16 export path (overrides the config's; '' disables)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT_DIR/checkpoint.msgpack")
+    parser.add_argument("--no-progress", action="store_true", help="plain log lines, no bar")
+    args = parser.parse_args(argv)
+    result = train(
+        args.config, output_dir=args.output_dir, steps=args.steps, resume=args.resume,
+        export=args.export, progress=not args.no_progress,
+    )
+    final = result.log["final"]
+    print(json.dumps({"name": result.log["name"], "val_bpb": final["val_bpb"],
+                      "val_bpb_per_exit": final["val_bpb_per_exit"],
+                      "train_wall_time_s": round(result.log["train_wall_time_s"], 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,488 @@
+"""A small decoder-only Flax NNX transformer with a KV cache and early exit.
+
+This is the reference model used by the examples, the CLI and the benchmarks.
+It implements the model contract of `rtdlm.decoding`::
+
+    model(tokens[B, T] int32, positions[B, T] int32, cache, exit_layer=None)
+        -> (logits[B, T, V] float32, cache)
+    model.init_cache(batch_size, max_length) -> cache
+
+Architecture: byte embedding -> `num_layers` pre-norm blocks (RMSNorm, causal
+multi-head attention with rotary position embeddings, RMSNorm, SwiGLU or GELU
+MLP) -> final RMSNorm -> head (tied to the embedding or not). The final norm
+and head are shared by every exit, so `exit_layer=E` reads the residual stream
+after the first E blocks (LayerSkip-style early exit).
+
+KV cache: a tuple over layers of `(keys, values)`, each `[B, S, H, Dh]`. A call
+writes row b's token t into slot `positions[b, t]` (a scatter, so rows may sit
+at different positions) and a query at position p attends to slots `<= p`
+only. Slots beyond a row's position are ignored and later overwritten, so
+rolling back rejected speculative tokens is just passing smaller positions on
+the next call. Writes at positions `>= S` are dropped.
+
+Vocabulary: the 256 byte values (see `rtdlm.models.data`); byte 0 (NUL, which
+never occurs in Python source) separates documents and serves as BOS/EOS.
+
+NNX modules are JAX pytrees in this Flax version: pass the model to `jax.jit`
+as an ordinary argument (its arrays are traced); the Python ints on it
+(`num_layers`, `vocab_size`, `max_length`) are static metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# One layer's cache entry: (keys, values), each [B, S, H, Dh].
+LayerCache = tuple[jax.Array, jax.Array]
+Cache = tuple[LayerCache, ...]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyper-parameters of `Transformer` (frozen, hashable: static metadata).
+
+    Attributes:
+      vocab_size: number of token ids (256: one per byte).
+      d_model: width of the residual stream.
+      num_layers: number of transformer blocks.
+      num_heads: attention heads; `d_model` must be divisible by it.
+      mlp_dim: hidden width of the MLP (per branch for SwiGLU).
+      mlp_type: "swiglu" or "gelu".
+      tie_embeddings: if True the head is the transposed embedding matrix.
+      max_length: the context length the model was trained for (RoPE has no
+        hard limit, but quality degrades beyond the trained length).
+      rope_base: base of the rotary frequencies.
+      norm_eps: epsilon of every RMSNorm.
+      dtype: parameter, activation and cache dtype ("float32" by default).
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    num_layers: int = 8
+    num_heads: int = 4
+    mlp_dim: int = 704
+    mlp_type: str = "swiglu"
+    tie_embeddings: bool = False
+    max_length: int = 256
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if (self.d_model // self.num_heads) % 2:
+            raise ValueError("head_dim = d_model // num_heads must be even (rotary embedding)")
+        if self.mlp_type not in ("swiglu", "gelu"):
+            raise ValueError(f"mlp_type must be 'swiglu' or 'gelu', got {self.mlp_type!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_length"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def jnp_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TransformerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotates pairs (x[..., i], x[..., i + Dh/2]) by angle position * base^(-2i/Dh).
+
+    Args:
+      x: [B, T, H, Dh] queries or keys.
+      positions: [B, T] int positions.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, Dh/2]
+    sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention with RoPE and an optional KV cache."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        d, dtype = config.d_model, config.jnp_dtype
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.rope_base = config.rope_base
+        # One fused projection for q, k, v: fewer, larger matmuls.
+        self.qkv = nnx.Linear(d, 3 * d, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        # Output projection scaled down so the residual stream starts small.
+        out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * config.num_layers))
+        self.out = nnx.Linear(
+            d, d, use_bias=False, kernel_init=out_init, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x: [B, T, D]; positions: [B, T]; cache: ([B, S, H, Dh], [B, S, H, Dh]) or None."""
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, Dh]
+        q = rotary_embedding(q, positions, self.rope_base)
+        k = rotary_embedding(k, positions, self.rope_base)
+
+        if cache is None:
+            # No cache (training): attend to this call's own keys, by position.
+            keys, values, key_positions = k, v, positions  # [B, T, H, Dh], [B, T]
+        else:
+            cache_k, cache_v = cache  # [B, S, H, Dh]
+            rows = jnp.arange(batch)[:, None]  # [B, 1], broadcasts against [B, T]
+            # Row b's token t goes to slot positions[b, t]; out-of-range writes are dropped.
+            cache_k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype), mode="drop")
+            cache_v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype), mode="drop")
+            cache = (cache_k, cache_v)
+            num_slots = cache_k.shape[1]
+            keys, values = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+            key_positions = jnp.broadcast_to(jnp.arange(num_slots), (batch, num_slots))  # [B, S]
+
+        # A query at position p sees keys at positions <= p (slot index for the cache).
+        mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
+        scores = jnp.einsum("bthd,bshd->bhts", q, keys).astype(jnp.float32)  # [B, H, T, S]
+        scores = scores / math.sqrt(self.head_dim)
+        scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)  # [B, H, T, S]
+        attended = jnp.einsum("bhts,bshd->bthd", probs, values)  # [B, T, H, Dh]
+        return self.out(attended.reshape(batch, length, -1)), cache  # [B, T, D]
+
+
+class MLP(nnx.Module):
+    """SwiGLU (silu(x W_gate) * x W_up) W_down, or GELU (gelu(x W_up)) W_down."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        d, f, dtype = config.d_model, config.mlp_dim, config.jnp_dtype
+        self.gated = config.mlp_type == "swiglu"
+        # For SwiGLU gate and up projections are fused into one [D, 2F] matmul.
+        width = 2 * f if self.gated else f
+        self.up = nnx.Linear(d, width, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * config.num_layers))
+        self.down = nnx.Linear(
+            f, d, use_bias=False, kernel_init=out_init, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.up(x)  # [B, T, 2F] or [B, T, F]
+        if self.gated:
+            gate, up = jnp.split(h, 2, axis=-1)  # [B, T, F] each
+            h = jax.nn.silu(gate) * up
+        else:
+            h = jax.nn.gelu(h)
+        return self.down(h)  # [B, T, D]
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        d, dtype, eps = config.d_model, config.jnp_dtype, config.norm_eps
+        self.attn_norm = nnx.RMSNorm(d, epsilon=eps, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = nnx.RMSNorm(d, epsilon=eps, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        attended, cache = self.attn(self.attn_norm(x), positions, cache)
+        x = x + attended  # [B, T, D]
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, cache
+
+
+class Transformer(nnx.Module):
+    """Decoder-only byte-level transformer implementing the rtdlm model contract.
+
+    Example:
+      >>> model = Transformer(TransformerConfig(d_model=64, num_layers=2, num_heads=2,
+      ...                                       mlp_dim=128), rngs=nnx.Rngs(0))
+      >>> cache = model.init_cache(batch_size=1, max_length=16)
+      >>> tokens = jnp.array([[104, 105]], jnp.int32)
+      >>> positions = jnp.array([[0, 1]], jnp.int32)
+      >>> logits, cache = jax.jit(lambda m, t, p, c: m(t, p, c))(model, tokens, positions, cache)
+      >>> logits.shape
+      (1, 2, 256)
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.num_layers = config.num_layers
+        self.vocab_size = config.vocab_size
+        self.max_length = config.max_length
+        dtype = config.jnp_dtype
+        self.embedding = nnx.Embed(
+            config.vocab_size,
+            config.d_model,
+            embedding_init=nnx.initializers.normal(1.0),
+            dtype=dtype,
+            param_dtype=dtype,
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = nnx.RMSNorm(
+            config.d_model, epsilon=config.norm_eps, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+        if config.tie_embeddings:
+            self.head = None
+        else:
+            # Zero-initialised head: the untrained model predicts uniform bytes.
+            self.head = nnx.Linear(
+                config.d_model,
+                config.vocab_size,
+                use_bias=False,
+                kernel_init=nnx.initializers.zeros_init(),
+                dtype=dtype,
+                param_dtype=dtype,
+                rngs=rngs,
+            )
+
+    # -- the three stages; __call__ composes them so there is one code path --
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] int -> hidden [B, T, D]."""
+        return self.embedding(tokens)
+
+    def run_layers(
+        self,
+        hidden: jax.Array,
+        positions: jax.Array,
+        cache: Cache | None,
+        start_layer: int,
+        stop_layer: int,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Applies blocks start_layer .. stop_layer-1, writing their cache entries.
+
+        Args:
+          hidden: [B, T, D] residual stream entering block `start_layer`.
+          positions: [B, T] int32 positions of the tokens.
+          cache: the whole model's cache (a tuple over all layers) or None.
+          start_layer, stop_layer: Python ints, 0 <= start <= stop <= num_layers.
+
+        Returns:
+          ([B, T, D] hidden after block stop_layer-1, cache with those layers updated).
+        """
+        if not 0 <= start_layer <= stop_layer <= self.num_layers:
+            raise ValueError(
+                f"need 0 <= start_layer <= stop_layer <= num_layers={self.num_layers}, "
+                f"got start_layer={start_layer}, stop_layer={stop_layer}"
+            )
+        new_cache = None if cache is None else list(cache)
+        for layer in range(start_layer, stop_layer):
+            layer_cache = None if cache is None else cache[layer]
+            hidden, layer_cache = self.blocks[layer](hidden, positions, layer_cache)
+            if new_cache is not None:
+                new_cache[layer] = layer_cache
+        return hidden, (None if new_cache is None else tuple(new_cache))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Shared final norm + head: hidden [B, T, D] -> logits [B, T, V] float32."""
+        normed = self.final_norm(hidden)
+        out = self.embedding.attend(normed) if self.head is None else self.head(normed)
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: Cache | None,
+        exit_layer: int | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Runs the first `exit_layer` (default: all) blocks and the shared head.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] int positions; keys/values are written at these slots.
+          cache: from `init_cache`, or None to attend only within this call
+            (training on full sequences).
+          exit_layer: Python int in 1..num_layers, or None for num_layers.
+            Only layers < exit_layer write their cache entries.
+
+        Returns:
+          (logits [B, T, V] float32, updated cache).
+        """
+        stop = self.num_layers if exit_layer is None else self._check_exit_layer(exit_layer)
+        tokens = jnp.asarray(tokens)
+        positions = jnp.asarray(positions)
+        if tokens.ndim != 2 or positions.shape != tokens.shape:
+            raise ValueError(
+                f"tokens and positions must both be [B, T]; got {tokens.shape} and "
+                f"{positions.shape}"
+            )
+        hidden = self.embed(tokens)  # [B, T, D]
+        hidden, cache = self.run_layers(hidden, positions, cache, 0, stop)
+        return self.logits(hidden), cache
+
+    def init_cache(self, batch_size: int, max_length: int) -> Cache:
+        """Zero KV cache: a tuple over layers of (keys, values), each [B, S, H, Dh]."""
+        shape = (batch_size, max_length, self.config.num_heads, self.config.head_dim)
+        dtype = self.config.jnp_dtype
+        return tuple(
+            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.num_layers)
+        )
+
+    def _check_exit_layer(self, exit_layer: Any) -> int:
+        if isinstance(exit_layer, bool) or not isinstance(exit_layer, (int, np.integer)):
+            raise TypeError(f"exit_layer must be a Python int or None, got {type(exit_layer)}")
+        if not 1 <= int(exit_layer) <= self.num_layers:
+            raise ValueError(f"exit_layer must be in 1..{self.num_layers}, got {exit_layer}")
+        return int(exit_layer)
+
+
+# ----------------------------------------------------------------------------
+# Construction, saving and loading.
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+WEIGHTS_SUFFIX = ".msgpack"
+
+
+def load_config(config: TransformerConfig | Mapping[str, Any] | str | os.PathLike) -> dict:
+    """Returns a config as a dict; accepts a dataclass, a mapping or a YAML/JSON path."""
+    if isinstance(config, TransformerConfig):
+        return config.to_dict()
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = os.fspath(config)
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            return json.load(f)
+        import yaml
+
+        return yaml.safe_load(f)
+
+
+def create_model(
+    config: TransformerConfig | Mapping[str, Any] | str | os.PathLike,
+    rngs: nnx.Rngs | int = 0,
+) -> Transformer:
+    """Builds a freshly initialised `Transformer`.
+
+    Args:
+      config: a `TransformerConfig`, a dict of its fields, or a path to a YAML
+        (or JSON) file; a file or dict with a top-level "model" key (the
+        training configs in `configs/models/`) uses that section.
+      rngs: `nnx.Rngs` or an int seed.
+    """
+    values = load_config(config)
+    if "model" in values and isinstance(values["model"], Mapping):
+        values = values["model"]
+    if isinstance(rngs, int):
+        rngs = nnx.Rngs(rngs)
+    return Transformer(TransformerConfig.from_dict(values), rngs=rngs)
+
+
+def param_count(model: Transformer) -> int:
+    """Number of parameters (scalars) in the model."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def model_to_bytes(model: Transformer, dtype: str | None = "float16", metadata=None) -> bytes:
+    """Serialises config + parameters (+ optional metadata) into one msgpack blob.
+
+    Args:
+      dtype: dtype the parameters are stored in ("float16" halves the file;
+        `model_from_bytes` casts back to the config's dtype), or None to keep it.
+    """
+    from flax import serialization
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    store = (lambda x: np.asarray(x)) if dtype is None else (lambda x: np.asarray(x, dtype))
+    payload = {
+        "format": "rtdlm-transformer-v1",
+        "config": model.config.to_dict(),
+        "params": jax.tree.map(store, params),
+        "metadata": json.dumps(metadata or {}),
+    }
+    return serialization.msgpack_serialize(payload)
+
+
+def model_from_bytes(data: bytes) -> tuple[Transformer, dict]:
+    """Inverse of `model_to_bytes`: returns (model, metadata dict)."""
+    from flax import serialization
+
+    payload = serialization.msgpack_restore(data)
+    if payload.get("format") != "rtdlm-transformer-v1":
+        raise ValueError("not an rtdlm transformer checkpoint (missing format tag)")
+    # Build on abstract shapes (no random init), then fill in the stored parameters.
+    config = TransformerConfig.from_dict(payload["config"])
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    dtype = config.jnp_dtype
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), payload["params"]))
+    nnx.update(model, state)
+    return model, json.loads(payload.get("metadata") or "{}")
+
+
+def save_model(model: Transformer, path: str | os.PathLike, dtype: str | None = "float16",
+               metadata=None) -> None:
+    """Writes `model_to_bytes(model, dtype, metadata)` to `path`."""
+    data = model_to_bytes(model, dtype=dtype, metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def bundled_models() -> list[str]:
+    """Names of the models bundled in `rtdlm/models/weights/` (e.g. ["draft", "target"])."""
+    if not os.path.isdir(WEIGHTS_DIR):
+        return []
+    return sorted(
+        name[: -len(WEIGHTS_SUFFIX)]
+        for name in os.listdir(WEIGHTS_DIR)
+        if name.endswith(WEIGHTS_SUFFIX)
+    )
+
+
+def load_model(name_or_path: str | os.PathLike = "target", *, with_metadata: bool = False):
+    """Loads a bundled model by name ("target", "draft") or a checkpoint file path.
+
+    Parameters stored as float16 are cast to the config's dtype (float32).
+
+    Returns:
+      The `Transformer`, or `(Transformer, metadata)` if `with_metadata`.
+    """
+    path = os.fspath(name_or_path)
+    if not os.path.exists(path):
+        bundled = os.path.join(WEIGHTS_DIR, path + WEIGHTS_SUFFIX)
+        if not os.path.exists(bundled):
+            raise FileNotFoundError(
+                f"no checkpoint file {path!r} and no bundled model of that name; bundled "
+                f"models: {bundled_models()}"
+            )
+        path = bundled
+    with open(path, "rb") as f:
+        model, metadata = model_from_bytes(f.read())
+    return (model, metadata) if with_metadata else model

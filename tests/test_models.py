@@ -1,0 +1,242 @@
+"""Tests of the reference transformer: the model contract, the KV cache, early exit."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rtdlm.models import data as data_lib
+from rtdlm.models.transformer import (
+    Transformer,
+    TransformerConfig,
+    bundled_models,
+    create_model,
+    load_model,
+    model_from_bytes,
+    model_to_bytes,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_YAML = os.path.join(REPO, "configs", "models", "tiny.yaml")
+
+SMALL = dict(d_model=32, num_layers=3, num_heads=2, mlp_dim=48, max_length=64)
+
+
+def _randomize_head(model: Transformer, seed: int = 1) -> Transformer:
+    """The head is zero-initialised (uniform logits); give it values so tests see signal."""
+    kernel = model.head.kernel
+    kernel[...] = 0.5 * jax.random.normal(jax.random.key(seed), kernel[...].shape)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _randomize_head(create_model(SMALL, nnx.Rngs(0)))
+
+
+@jax.jit
+def _call(model, tokens, positions, cache):
+    return model(tokens, positions, cache)
+
+
+def _positions(batch, length, offset=0):
+    return jnp.broadcast_to(jnp.arange(offset, offset + length, dtype=jnp.int32), (batch, length))
+
+
+def _tokens(batch, length, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, 256, dtype=jnp.int32)
+
+
+def test_shapes_dtypes_and_attributes(model):
+    tokens = _tokens(2, 5)
+    cache = model.init_cache(2, 16)
+    assert isinstance(cache, tuple) and len(cache) == model.num_layers
+    assert cache[0][0].shape == (2, 16, 2, 16) and cache[0][0].dtype == jnp.float32
+    logits, new_cache = _call(model, tokens, _positions(2, 5), cache)
+    assert logits.shape == (2, 5, 256) and logits.dtype == jnp.float32
+    assert jax.tree.structure(new_cache) == jax.tree.structure(cache)
+    assert model.num_layers == 3 and model.vocab_size == 256 and model.max_length == 64
+    assert isinstance(model.num_layers, int)
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_cache_matches_full_forward(model):
+    """Prefill of P tokens then one-token decode steps == one full forward pass."""
+    batch, length, prefill = 2, 12, 5
+    tokens = _tokens(batch, length)
+    full, _ = _call(model, tokens, _positions(batch, length), None)
+    full_cached, _ = _call(model, tokens, _positions(batch, length), model.init_cache(batch, 32))
+    np.testing.assert_allclose(full_cached, full, atol=1e-5)
+
+    logits, cache = _call(model, tokens[:, :prefill], _positions(batch, prefill),
+                          model.init_cache(batch, 32))
+    pieces = [logits]
+    for t in range(prefill, length):
+        logits, cache = _call(model, tokens[:, t:t + 1], _positions(batch, 1, t), cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
+def test_ragged_positions_per_row(model):
+    """Rows at different positions in one call equal each row run on its own."""
+    tokens = _tokens(2, 10, seed=3)
+    # Right-padded prefill: row 0 has 7 real tokens, row 1 has 4.
+    lengths = [7, 4]
+    cache = model.init_cache(2, 32)
+    _, cache = _call(model, tokens[:, :7], _positions(2, 7), cache)
+    # Next tokens go at each row's own length: two decode steps with ragged positions.
+    next_tokens = jnp.array([[11, 12], [21, 22]], jnp.int32)
+    got = []
+    for j in range(2):
+        pos = jnp.array([[lengths[0] + j], [lengths[1] + j]], jnp.int32)
+        logits, cache = _call(model, next_tokens[:, j:j + 1], pos, cache)
+        got.append(logits)
+    got = jnp.concatenate(got, axis=1)  # [2, 2, V]
+    for row, n in enumerate(lengths):
+        sequence = jnp.concatenate([tokens[row, :n], next_tokens[row]])[None]  # [1, n + 2]
+        reference, _ = _call(model, sequence, _positions(1, n + 2), None)
+        np.testing.assert_allclose(got[row], reference[0, n:], atol=1e-5)
+
+
+def test_rollback_by_rewriting_smaller_positions(model):
+    """Writing stale drafts, then re-writing from a smaller position == a fresh run."""
+    batch = 2
+    prefix, drafts, accepted = _tokens(batch, 6, seed=4), _tokens(batch, 4, seed=5), 1
+    cache = model.init_cache(batch, 24)
+    _, cache = _call(model, prefix, _positions(batch, 6), cache)
+    # Verify 4 drafts (writes slots 6..9) and reject all but the first.
+    _, cache = _call(model, drafts, _positions(batch, 4, 6), cache)
+    replacement = _tokens(batch, 3, seed=6)
+    got, _ = _call(model, replacement, _positions(batch, 3, 6 + accepted), cache)
+
+    fresh_tokens = jnp.concatenate([prefix, drafts[:, :accepted], replacement], axis=1)
+    reference, _ = _call(model, fresh_tokens, _positions(batch, fresh_tokens.shape[1]), None)
+    np.testing.assert_allclose(got, reference[:, 6 + accepted:], atol=1e-5)
+
+
+def test_verification_block_matches_steps(model):
+    """T = K + 1 verification in one call equals K + 1 one-token calls."""
+    tokens = _tokens(1, 9, seed=7)
+    cache = model.init_cache(1, 16)
+    _, cache = _call(model, tokens[:, :4], _positions(1, 4), cache)
+    block, _ = _call(model, tokens[:, 4:], _positions(1, 5, 4), cache)
+    steps, step_cache = [], cache
+    for t in range(4, 9):
+        logits, step_cache = _call(model, tokens[:, t:t + 1], _positions(1, 1, t), step_cache)
+        steps.append(logits)
+    np.testing.assert_allclose(block, jnp.concatenate(steps, axis=1), atol=1e-5)
+
+
+def test_early_exit_equals_staged_calls(model):
+    tokens, positions = _tokens(2, 6, seed=8), _positions(2, 6)
+    for exit_layer in range(1, model.num_layers + 1):
+        cache = model.init_cache(2, 8)
+        early, early_cache = jax.jit(
+            lambda m, t, p, c, e=exit_layer: m(t, p, c, exit_layer=e)
+        )(model, tokens, positions, cache)
+        hidden, staged_cache = model.run_layers(model.embed(tokens), positions, cache, 0,
+                                                exit_layer)
+        np.testing.assert_allclose(early, model.logits(hidden), atol=1e-5)
+        for layer in range(model.num_layers):
+            for a, b in zip(early_cache[layer], staged_cache[layer], strict=True):
+                np.testing.assert_allclose(a, b, atol=1e-6)
+            if layer >= exit_layer:  # layers at or beyond the exit leave the cache alone
+                assert not np.any(np.asarray(early_cache[layer][0]))
+    full, _ = model(tokens, positions, None)
+    last, _ = model(tokens, positions, None, exit_layer=model.num_layers)
+    np.testing.assert_allclose(last, full, atol=1e-6)
+    # Early exit differs from the full model (the exit is not a no-op).
+    first, _ = model(tokens, positions, None, exit_layer=1)
+    assert not np.allclose(first, full)
+
+
+def test_staged_layers_continue_the_cache(model):
+    """run_layers(0, E) then run_layers(E, L) == the full model, cache included."""
+    tokens, positions = _tokens(1, 5, seed=9), _positions(1, 5)
+    cache = model.init_cache(1, 8)
+    full, full_cache = model(tokens, positions, cache)
+    hidden, staged = model.run_layers(model.embed(tokens), positions, cache, 0, 2)
+    hidden, staged = model.run_layers(hidden, positions, staged, 2, model.num_layers)
+    np.testing.assert_allclose(model.logits(hidden), full, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(staged), jax.tree.leaves(full_cache), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bad_arguments_raise(model):
+    tokens, positions = _tokens(1, 3), _positions(1, 3)
+    with pytest.raises(ValueError, match="exit_layer"):
+        model(tokens, positions, None, exit_layer=0)
+    with pytest.raises(ValueError, match="exit_layer"):
+        model(tokens, positions, None, exit_layer=model.num_layers + 1)
+    with pytest.raises(TypeError, match="exit_layer"):
+        model(tokens, positions, None, exit_layer=1.5)
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        model(tokens[0], positions[0], None)
+    with pytest.raises(ValueError, match="num_heads"):
+        TransformerConfig(d_model=30, num_heads=4)
+    with pytest.raises(ValueError, match="unknown"):
+        create_model(dict(SMALL, hidden=3))
+
+
+def test_jit_traces_model_as_argument_once(model):
+    """The model is an ordinary jit argument: new parameter values do not recompile."""
+    traces = []
+
+    @jax.jit
+    def forward(m, tokens, positions):
+        traces.append(1)
+        return m(tokens, positions, None)[0]
+
+    tokens, positions = _tokens(1, 4), _positions(1, 4)
+    forward(model, tokens, positions)
+    other = _randomize_head(create_model(SMALL, nnx.Rngs(1)), seed=2)
+    out_other = forward(other, tokens, positions)
+    assert len(traces) == 1
+    np.testing.assert_allclose(out_other, other(tokens, positions, None)[0], atol=1e-5)
+
+
+def test_gelu_tied_variant_and_yaml_config():
+    variant = create_model(dict(SMALL, mlp_type="gelu", tie_embeddings=True), 0)
+    assert variant.head is None
+    logits, _ = variant(_tokens(1, 4), _positions(1, 4), variant.init_cache(1, 8))
+    assert logits.shape == (1, 4, 256) and np.all(np.isfinite(np.asarray(logits)))
+    tiny = create_model(TINY_YAML, nnx.Rngs(0))
+    assert tiny.num_layers == 2 and tiny.config.d_model == 32
+
+
+def test_serialization_round_trip(model):
+    tokens, positions = _tokens(1, 6), _positions(1, 6)
+    expected, _ = model(tokens, positions, None)
+    restored, meta = model_from_bytes(model_to_bytes(model, dtype=None, metadata={"a": 1}))
+    assert meta == {"a": 1}
+    np.testing.assert_array_equal(restored(tokens, positions, None)[0], expected)
+    half, _ = model_from_bytes(model_to_bytes(model, dtype="float16"))
+    assert half.head.kernel[...].dtype == jnp.float32  # cast back on load
+    np.testing.assert_allclose(half(tokens, positions, None)[0], expected, atol=0.05)
+
+
+def test_tokenizer_round_trip():
+    text = "def f(x):\n    return 'héllo'\n"
+    ids = data_lib.encode(text)
+    assert ids.dtype == np.int32 and ids.max() < 256
+    assert data_lib.decode(ids) == text
+    assert data_lib.decode([0xFF, 104]) == "\ufffdh"
+
+
+@pytest.mark.skipif(not bundled_models(), reason="no bundled weights yet")
+@pytest.mark.parametrize("name", ["target", "draft"])
+def test_bundled_weights_load_and_predict_python(name):
+    model = load_model(name)
+    assert model.vocab_size == 256
+    prompt = "import os\nimport sys\n\n\ndef main():\n    "
+    tokens = jnp.asarray(data_lib.encode(prompt))[None]
+    logits, _ = model(tokens, _positions(1, tokens.shape[1]), model.init_cache(1, 64))
+    log_probs = jax.nn.log_softmax(logits[0, :-1], axis=-1)
+    ce = -np.mean(np.take_along_axis(np.asarray(log_probs), np.asarray(tokens[0, 1:, None]), 1))
+    # A trained byte model is far better than uniform (ln 256 = 5.5 nats) on code.
+    assert ce < 3.0
+    # The bundled file loads with float32 parameters.
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,114 @@
+"""Smoke tests of the training loop on the tiny config (seconds on a CPU)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rtdlm.models import data as data_lib
+from rtdlm.models import train as train_lib
+from rtdlm.models.transformer import create_model, load_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_YAML = os.path.join(REPO, "configs", "models", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data_lib.load_stdlib_corpus()
+
+
+def test_corpus_split_is_deterministic_and_disjoint(corpus):
+    files = data_lib.stdlib_source_files()
+    assert len(files) > 50 and all(f.endswith(".py") for f in files)
+    validation = [f for f in files if data_lib.is_validation_file(f)]
+    assert 0 < len(validation) < len(files) // 5
+    assert corpus.num_validation_files == len(validation)
+    assert corpus.num_train_files == len(files) - len(validation)
+    # Files are joined by EOS and contain no other NUL bytes.
+    assert np.count_nonzero(corpus.train == data_lib.EOS_ID) == corpus.num_train_files
+    a = data_lib.fixed_batches(corpus.validation, 2, 3, 16)
+    b = data_lib.fixed_batches(corpus.validation, 2, 3, 16)
+    for (xa, ya), (xb, _yb) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(xa[:, 1:], ya[:, :-1])  # targets are the next byte
+        assert xa.shape == (3, 16) and xa.dtype == np.int32
+
+
+def test_resolve_exit_layers():
+    assert train_lib.resolve_exit_layers("all", 4) == (1, 2, 3)
+    assert train_lib.resolve_exit_layers([3, 1], 4) == (1, 3)
+    assert train_lib.resolve_exit_layers("none", 4) == ()
+    with pytest.raises(ValueError, match="exit layer"):
+        train_lib.resolve_exit_layers([4], 4)
+
+
+def test_exit_losses_match_model_exits():
+    model = create_model(TINY_YAML, nnx.Rngs(0))
+    kernel = model.head.kernel
+    kernel[...] = jax.random.normal(jax.random.key(0), kernel[...].shape)
+    inputs = jax.random.randint(jax.random.key(1), (2, 8), 0, 256, dtype=jnp.int32)
+    targets = jnp.roll(inputs, -1, axis=1)
+    losses = train_lib.exit_losses(model, inputs, targets, (1, 2))
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    for i, layer in enumerate((1, 2)):
+        logits, _ = model(inputs, positions, None, exit_layer=layer)
+        expected = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        np.testing.assert_allclose(losses[i], expected, rtol=1e-5)
+
+
+def test_tiny_training_run(tmp_path, corpus):
+    result = train_lib.train(
+        TINY_YAML, output_dir=str(tmp_path), steps=20, progress=False, corpus=corpus,
+        export=str(tmp_path / "tiny16.msgpack"),
+    )
+    history = result.log["history"]
+    losses = [h["loss"] for h in history]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0]  # starts near ln(256) * 1.5 and goes down
+    final = result.log["final"]
+    assert set(final["val_bpb_per_exit"]) == {1, 2}
+    assert 0 < final["val_bpb"] < 8.5
+
+    # Outputs: log, plot, checkpoint, final model, float16 export.
+    for name in ("log.json", "loss.png", "checkpoint.msgpack", "model.msgpack"):
+        assert (tmp_path / name).exists(), name
+    with open(tmp_path / "log.json") as f:
+        assert json.load(f)["name"] == "tiny"
+
+    # The final model and the checkpoint round-trip exactly; the export approximately.
+    tokens = jnp.asarray(data_lib.encode("def main():\n"))[None]
+    positions = jnp.arange(tokens.shape[1])[None]
+    expected, _ = result.model(tokens, positions, None)
+    reloaded = load_model(str(tmp_path / "model.msgpack"))
+    np.testing.assert_array_equal(reloaded(tokens, positions, None)[0], expected)
+    _, params = nnx.split(result.model, nnx.Param)
+    tx, _ = train_lib.make_optimizer(train_lib.TrainConfig.from_dict({"steps": 20}), params)
+    model, opt_state, step = train_lib.load_checkpoint(
+        str(tmp_path / "checkpoint.msgpack"), tx.init(params)
+    )
+    assert step == 20
+    np.testing.assert_array_equal(model(tokens, positions, None)[0], expected)
+    assert jax.tree.structure(opt_state) == jax.tree.structure(tx.init(params))
+    exported = load_model(str(tmp_path / "tiny16.msgpack"))
+    np.testing.assert_allclose(exported(tokens, positions, None)[0], expected, atol=0.05)
+
+    # Resuming at the final step only re-evaluates (no more steps to take).
+    resumed = train_lib.train(TINY_YAML, output_dir=str(tmp_path), steps=20, resume=True,
+                              progress=False, corpus=corpus, export="")
+    np.testing.assert_array_equal(resumed.model(tokens, positions, None)[0], expected)
+
+
+def test_train_main_cli(tmp_path, capsys):
+    code = train_lib.train_main([
+        "--config", TINY_YAML, "--output-dir", str(tmp_path), "--steps", "3", "--no-progress",
+        "--export", "",
+    ])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["name"] == "tiny" and np.isfinite(summary["val_bpb"])
