@@ -3,12 +3,12 @@
 Every filter keeps the tokens at or above a threshold, so the whole truncation is a
 per-row rule "keep `z >= t`" (typical-p adds a band `|z - c| <= r`). Thresholds are searched
 on the float32 bit patterns mapped to order-preserving uint32 keys (`_largest_threshold`:
-bisection or radix select), exact, ties with the threshold kept.
+all pairs at once for narrow rows, radix select for wide ones), exact, ties kept.
 
-Fast path: the bisections run on the `num_candidates` largest logits of each row
+Fast path: the searches run on the `num_candidates` largest logits of each row
 (`lax.top_k`), which is exact whenever the kept set provably lies inside them (top-k <= C,
 the top-p crossing reached inside the candidates, no ties straddling the last candidate).
-Otherwise (`lax.cond`, whole batch) the same bisections run on the full vocabulary.
+Otherwise (`lax.cond`, whole batch) the same searches run on the full vocabulary.
 
 Tie rule: tokens whose logit equals the threshold are all kept (top-k keeps ties with the
 k-th value, top-p keeps ties with the crossing token); HF transformers breaks such ties by
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of the uint32 key, high first
-_RADIX_MIN_WIDTH = 4096  # rows wider than this use radix select, narrower ones bisection
+_PAIRWISE_MAX_WIDTH = 512  # rows up to this wide compare all pairs; wider: radix select
 _MIN_KEY = jnp.uint32(0)
 
 
@@ -39,25 +39,18 @@ def _largest_threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -
     positive-weight element). keys, weights: [B, N]; target: [B]. If the target is
     unreachable, returns a key <= every key (callers check reachability themselves).
 
-    Small N (candidate sets): bisection, 32 cheap passes. Large N (whole vocabularies):
-    radix select, 3 histogram passes (11 + 11 + 10 bits), fewer reads of the row.
+    Narrow rows (candidate sets, small vocabularies): all N thresholds at once, O(N^2)
+    work but no loop. Wide rows (whole vocabularies): radix select, 3 histogram passes.
     """
-    if keys.shape[-1] > _RADIX_MIN_WIDTH:
+    if keys.shape[-1] > _PAIRWISE_MAX_WIDTH:
         return _radix_select(keys, weights, target)
-    return _bisect(keys, weights, target)
+    return _pairwise_threshold(keys, weights, target)
 
 
-def _bisect(keys, weights, target):
-    def step(_, bounds):
-        lo, hi = bounds  # invariant: the answer lies in [lo, hi]
-        active = hi > lo
-        mid = hi - (hi - lo) // 2  # ceil midpoint, in (lo, hi] when active; no overflow
-        mass = jnp.sum(jnp.where(keys >= mid[:, None], weights, 0.0), axis=-1)
-        ok = mass >= target
-        return jnp.where(active & ok, mid, lo), jnp.where(active & ~ok, mid - 1, hi)
-
-    bounds = (jnp.min(keys, axis=-1), jnp.max(keys, axis=-1))
-    return lax.fori_loop(0, 32, step, bounds)[0]
+def _pairwise_threshold(keys, weights, target):
+    at_or_above = keys[:, None, :] >= keys[:, :, None]  # [B, N, N]: key i >= key j
+    mass = jnp.sum(jnp.where(at_or_above, weights[:, None, :], 0.0), axis=-1)  # [B, N] per key j
+    return jnp.max(jnp.where(mass >= target[:, None], keys, _MIN_KEY), axis=-1)
 
 
 def _radix_select(keys, weights, target):

@@ -45,7 +45,7 @@ def _as_batch(logits, token_history):
             token_history = None
         elif not jnp.issubdtype(token_history.dtype, jnp.integer):
             raise TypeError(f"token_history must hold integer token ids, got {token_history.dtype}")
-        elif token_history.ndim != logits.ndim or (squeeze and token_history.ndim != 1):
+        elif token_history.ndim != (1 if squeeze else 2):
             raise ValueError(
                 f"token_history must be [H] for [V] logits or [B, H] for [B, V] logits, "
                 f"got {token_history.shape} for logits {logits.shape[1:] if squeeze else logits.shape}"

@@ -1,0 +1,185 @@
+"""Decode-loop benchmark: `generate` against per-token Python loops, and sampling overhead.
+
+1. tokens/s of `rtdlm.decoding.generate` (prefill + one compiled `lax.scan`) against two
+   per-token Python loops on the same model and config: the guide's way (a jitted forward
+   step, then `TokenSampler.sample(logits, config, token_history=[...])`, a host round
+   trip per token) and a fused jitted step (forward + `sample` in one jit, tokens stay on
+   the device). Bundled target model, B = 1 and 16, 128 new tokens, the balanced preset.
+2. Sampling overhead inside a compiled decode step: a synthetic-size model (random
+   weights, V = 32000), B = 8: step time with the full chain (temperature 0.7, top-k 50,
+   top-p 0.9, min-p 0.05, repetition penalty 1.1) against the same step with a plain
+   argmax, and against the forward pass alone.
+
+Usage: python benchmarks/decode.py [--quick] [--out benchmarks/results/decode-<device>.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._timing import environment, ratio, summarize, time_interleaved, write_json  # noqa: E402
+from rtdlm.decoding import generate  # noqa: E402
+from rtdlm.decoding.loop import add_tokens, prompt_history  # noqa: E402
+from rtdlm.models import create_model, encode, load_model  # noqa: E402
+from rtdlm.sampling import (  # noqa: E402
+    SamplingConfig,
+    SamplingState,
+    TokenSampler,
+    create_sampling_config_balanced,
+    sample,
+)
+
+PROMPT = "import os\n\n\ndef main(argv):\n    "
+
+
+def python_loops(model, prompt, config, max_new_tokens):
+    """The two per-token Python loops; each returns a callable producing [B, N] tokens."""
+    batch, prompt_len = prompt.shape
+    positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
+
+    @jax.jit
+    def prefill(model, prompt):
+        logits, cache = model(prompt, positions, model.init_cache(batch, prompt_len + max_new_tokens))
+        return logits[:, -1], cache
+
+    @jax.jit
+    def forward(model, token, position, cache):
+        logits, cache = model(token[:, None], jnp.full((batch, 1), position), cache)
+        return logits[:, -1], cache
+
+    @jax.jit
+    def fused_step(model, key, logits, counts, position, cache, config):
+        token = sample(key, logits, config, state=SamplingState(counts, None)).token_id
+        counts = add_tokens(counts, token, jnp.ones(batch, bool))
+        logits, cache = model(token[:, None], jnp.full((batch, 1), position), cache)
+        return token, logits[:, -1], counts, cache
+
+    def guide_loop():  # TokenSampler per row, history as Python lists (host sync per token)
+        sampler = TokenSampler()
+        logits, cache = prefill(model, prompt)
+        history = [list(map(int, row)) for row in np.asarray(prompt)]
+        out = []
+        for t in range(max_new_tokens):
+            tokens = [int(sampler.sample(logits[b], config, token_history=history[b]).token_id)
+                      for b in range(batch)]
+            for b in range(batch):
+                history[b].append(tokens[b])
+            out.append(tokens)
+            logits, cache = forward(model, jnp.asarray(tokens, jnp.int32), prompt_len + t, cache)
+        return np.asarray(out).T
+
+    def fused_loop():  # one jitted step per token, no host sync until the end
+        logits, cache = prefill(model, prompt)
+        counts = prompt_history(prompt, jnp.full(batch, prompt_len), logits.shape[-1])
+        key, out = jax.random.key(0), []
+        for t in range(max_new_tokens):
+            token, logits, counts, cache = fused_step(
+                model, jax.random.fold_in(key, t), logits, counts, prompt_len + t, cache, config)
+            out.append(token)
+        return jnp.stack(out, 1)
+
+    return guide_loop, fused_loop
+
+
+def bench_generate(model, batches, max_new_tokens, repeats):
+    config = create_sampling_config_balanced()
+    rows = []
+    for batch in batches:
+        prompt = jnp.asarray(np.tile(encode(PROMPT)[None], (batch, 1)))
+        guide_loop, fused_loop = python_loops(model, prompt, config, max_new_tokens)
+        run_generate = lambda: generate(model, prompt, key=jax.random.key(1), config=config,
+                                        max_new_tokens=max_new_tokens).tokens
+        programs = {"generate": run_generate, "python_loop_fused_jit": fused_loop}
+        if batch == 1:  # the guide's TokenSampler loop is per row: too slow to run at B=16
+            programs["python_loop_token_sampler"] = guide_loop
+        seconds = time_interleaved(programs, repeats=repeats)
+        tokens = batch * max_new_tokens
+        row = {"batch": batch, "new_tokens": max_new_tokens}
+        for name, values in seconds.items():
+            row[name] = {**summarize(values, max_new_tokens), "tokens_per_s": tokens / float(np.median(values))}
+        for name in programs:
+            if name != "generate":
+                row[f"speedup_vs_{name}"] = ratio(seconds[name], seconds["generate"])
+        rows.append(row)
+        print(f"B={batch}: " + ", ".join(f"{n} {row[n]['tokens_per_s']:.0f} tok/s" for n in programs))
+    return rows
+
+
+def bench_sampling_overhead(batch, vocab, steps, repeats, model_config):
+    model = create_model({**model_config, "vocab_size": vocab}, rngs=0)
+    chain = SamplingConfig(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1)
+    cache_length = 64 + steps
+
+    def decode_program(select):
+        @jax.jit
+        def run(model, config):
+            cache = model.init_cache(batch, cache_length)
+            counts = jnp.zeros((batch, vocab), jnp.int32)
+
+            def step(carry, t):
+                token, counts, cache = carry
+                logits, cache = model(token[:, None], jnp.full((batch, 1), t), cache)
+                token = select(jax.random.fold_in(jax.random.key(0), t), logits[:, -1], counts, config)
+                return (token, add_tokens(counts, token, jnp.ones(batch, bool)), cache), None
+
+            init = (jnp.zeros(batch, jnp.int32), counts, cache)
+            return jax.lax.scan(step, init, jnp.arange(steps))[0][0]
+
+        return functools.partial(run, model, chain)
+
+    programs = {
+        "forward_only": decode_program(lambda key, logits, counts, config: (
+            jnp.sum(logits[:, :1], axis=-1) > 1e9).astype(jnp.int32)),  # reads logits, no sampling
+        "argmax": decode_program(lambda key, logits, counts, config: jnp.argmax(logits, -1).astype(jnp.int32)),
+        "full_chain": decode_program(lambda key, logits, counts, config: sample(
+            key, logits, config, state=SamplingState(counts, None)).token_id),
+    }
+    seconds = time_interleaved(programs, repeats=repeats)
+    result = {name: summarize(values, steps) for name, values in seconds.items()}
+    chain_us, argmax_us = result["full_chain"]["us_per_step"], result["argmax"]["us_per_step"]
+    result.update(
+        batch=batch, vocab=vocab, steps=steps, model=model_config,
+        sampling_overhead_vs_argmax=(chain_us - argmax_us) / chain_us,
+        chain_config="temperature 0.7, top_k 50, top_p 0.9, min_p 0.05, repetition_penalty 1.1",
+    )
+    print(f"B={batch} V={vocab}: step with chain {chain_us:.0f} us, with argmax {argmax_us:.0f} us, "
+          f"forward only {result['forward_only']['us_per_step']:.0f} us -> sampling overhead "
+          f"{result['sampling_overhead_vs_argmax']:.1%}")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    synthetic = dict(d_model=512, num_layers=6, num_heads=8, mlp_dim=1408, attention_window=None)
+    if args.quick:
+        model = create_model("configs/models/tiny.yaml", rngs=0)
+        gen = bench_generate(model, [1, 2], max_new_tokens=8, repeats=2)
+        overhead = bench_sampling_overhead(2, 1000, 8, 2, dict(d_model=32, num_layers=1, num_heads=2,
+                                                              mlp_dim=64, attention_window=None))
+    else:
+        start = time.perf_counter()
+        gen = bench_generate(load_model("target"), [1, 16], max_new_tokens=128, repeats=args.repeats)
+        overhead = bench_sampling_overhead(8, 32000, 32, args.repeats, synthetic)
+        print(f"total {time.perf_counter() - start:.0f} s")
+    env = environment()
+    out = args.out or f"benchmarks/results/decode-{env['device_slug']}{'-quick' if args.quick else ''}.json"
+    write_json(out, {"environment": env, "generate_vs_python_loop": gen, "sampling_overhead": overhead})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
