@@ -74,7 +74,9 @@ class DraftModel(Drafting):
 
 
 def vocab_size(model) -> int:
-    """The model's vocabulary size, from one abstract (shape-only) forward pass."""
+    """`model.vocab_size` if it is an int, else from one abstract (shape-only) forward pass."""
+    if isinstance(getattr(model, "vocab_size", None), int):
+        return model.vocab_size
     one = jnp.zeros((1, 1), jnp.int32)
     shape = jax.eval_shape(lambda m: m(one, one, m.init_cache(1, 1))[0], model)
     return shape.shape[-1]

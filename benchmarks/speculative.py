@@ -1,0 +1,213 @@
+"""Speculative decoding benchmark: acceptance, cost ratio, measured vs ideal speedup.
+
+For each K (drafts per round), batch size and sampling mode it reports:
+  alpha     acceptance rate, accepted / drafted draft tokens
+  tokens_per_target_call   new tokens / target forward passes (rounds + the prefill)
+  c         draft step cost / target step cost, from plain `generate` on each drafter alone
+  speedup   tokens/s of speculative decoding / tokens/s of `generate` (same model, config)
+  ideal     (1 - alpha^(K+1)) / ((1 - alpha) (K c + 1))   (Leviathan et al. 2023)
+Programs are compiled before timing and timed interleaved in one process.
+
+  python benchmarks/speculative.py            # bundled target + 1-layer draft model
+  python benchmarks/speculative.py --self     # early exit of the bundled target as draft
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._timing import environment, summarize, time_interleaved, write_json  # noqa: E402
+from rtdlm.decoding import generate, self_speculative_generate, speculative_generate  # noqa: E402
+from rtdlm.models import create_model, encode, load_model  # noqa: E402
+from rtdlm.sampling import SamplingConfig  # noqa: E402
+
+PROMPTS = ["import os\n\n\ndef main(argv):\n    ", "class Parser:\n    def __init__(self, text):\n",
+           "    for key, value in sorted(items):\n", "def fib(n):\n    "]
+MODES = {"greedy": SamplingConfig(temperature=0.0), "t0.7": SamplingConfig(temperature=0.7)}
+
+
+def prompt_batch(batch: int):
+    encoded = [encode(PROMPTS[b % len(PROMPTS)]) for b in range(batch)]
+    width = max(len(e) for e in encoded)
+    tokens = np.zeros((batch, width), np.int32)
+    for b, e in enumerate(encoded):
+        tokens[b, : len(e)] = e
+    return jnp.asarray(tokens), jnp.asarray([len(e) for e in encoded], jnp.int32)
+
+
+def ideal_speedup(alpha: float, k: int, c: float) -> float:
+    tokens_per_round = (k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens_per_round / (k * c + 1)
+
+
+def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats):
+    """Times plain generate, the drafter alone and each K; returns per-K rows."""
+    programs = {"generate": run_plain, "draft_alone": run_draft_alone, **{f"K={k}": f for k, f in runs_spec.items()}}
+    for name, program in programs.items():  # compile everything before timing
+        jax.block_until_ready(program().tokens)
+    seconds = time_interleaved({name: (lambda p=p: p().tokens) for name, p in programs.items()}, repeats)
+    plain = float(np.median(seconds["generate"]))
+    c = float(np.median(seconds["draft_alone"])) / plain
+    rows = []
+    for k, program in runs_spec.items():
+        out = program()
+        drafted, accepted = int(np.sum(out.num_drafted)), int(np.sum(out.num_accepted))
+        alpha = accepted / max(drafted, 1)
+        rounds = drafted / (k * batch)  # per row, rows run in lockstep
+        spec = float(np.median(seconds[f"K={k}"]))
+        rows.append({
+            "K": k, "batch": batch, "alpha": alpha, "c": c,
+            "tokens_per_target_call": float(np.mean(np.asarray(out.lengths))) / (rounds + 1),
+            "speedup": plain / spec, "ideal_speedup": ideal_speedup(alpha, k, c),
+            "tokens_per_s": batch * new_tokens / spec, "generate_tokens_per_s": batch * new_tokens / plain,
+            "timing": summarize(seconds[f"K={k}"], new_tokens),
+        })
+        rows[-1]["fraction_of_ideal"] = rows[-1]["speedup"] / rows[-1]["ideal_speedup"]
+        print(f"  K={k} B={batch}: alpha {alpha:.2f}, c {c:.2f}, speedup {rows[-1]['speedup']:.2f}x "
+              f"(ideal {rows[-1]['ideal_speedup']:.2f}x, {rows[-1]['fraction_of_ideal']:.0%})", flush=True)
+    return rows
+
+
+def draft_model_rows(target, draft, ks, batches, new_tokens, repeats):
+    rows = []
+    for mode, config in MODES.items():
+        for batch in batches:
+            prompt, lengths = prompt_batch(batch)
+            common = dict(key=jax.random.key(0), config=config, max_new_tokens=new_tokens, prompt_lengths=lengths)
+            print(f"draft model, {mode}, B={batch}", flush=True)
+            runs = {k: (lambda k=k: speculative_generate(target, draft, prompt, num_speculative_tokens=k, **common))
+                    for k in ks}
+            for row in measure(lambda: generate(target, prompt, **common), lambda: generate(draft, prompt, **common),
+                               runs, batch, new_tokens, repeats):
+                rows.append({"mode": mode, **row})
+    return rows
+
+
+def self_rows(model, exits, ks, new_tokens, repeats):
+    rows = []
+    prompt, lengths = prompt_batch(1)
+    for mode, config in MODES.items():
+        common = dict(key=jax.random.key(0), config=config, max_new_tokens=new_tokens, prompt_lengths=lengths)
+        for exit_layer in exits:
+            print(f"self-speculative, {mode}, exit layer {exit_layer}", flush=True)
+            runs = {k: (lambda k=k, e=exit_layer: self_speculative_generate(
+                model, prompt, early_exit_layer=e, num_speculative_tokens=k, **common)) for k in ks}
+            draft_alone = lambda e=exit_layer: generate(_ExitAt(model, e), prompt, **common)
+            for row in measure(lambda: generate(model, prompt, **common), draft_alone, runs, 1, new_tokens, repeats):
+                rows.append({"mode": mode, "exit_layer": exit_layer, **row})
+    return rows
+
+
+def sharing_rows(model, exit_layer, k, new_tokens, repeats):
+    """What reusing the draft's layers saves: shared-cache verify vs full recompute."""
+    prompt, lengths = prompt_batch(1)
+    common = dict(key=jax.random.key(0), config=MODES["greedy"], max_new_tokens=new_tokens,
+                  prompt_lengths=lengths, early_exit_layer=exit_layer, num_speculative_tokens=k)
+    programs = {share: (lambda s=share: self_speculative_generate(model, prompt, share_layers=s, **common).tokens)
+                for share in (True, False)}
+    for program in programs.values():
+        jax.block_until_ready(program())
+    same = bool(jnp.array_equal(programs[True](), programs[False]()))
+    seconds = time_interleaved({str(s): p for s, p in programs.items()}, repeats)
+    shared, full = float(np.median(seconds["True"])), float(np.median(seconds["False"]))
+    print(f"sharing layers < {exit_layer}: {full / shared:.2f}x faster than full recompute (same tokens: {same})")
+    return {"exit_layer": exit_layer, "K": k, "shared_s": shared, "full_recompute_s": full,
+            "speedup_from_sharing": full / shared, "identical_tokens": same}
+
+
+class _ExitAt:
+    """The model cut at `exit_layer` (the self-speculative draft alone), for timing c."""
+
+    def __init__(self, model, exit_layer):
+        self.model, self.exit_layer = model, exit_layer
+
+    def init_cache(self, batch_size, max_length):
+        return self.model.init_cache(batch_size, max_length)
+
+    def __call__(self, tokens, positions, cache, exit_layer=None):
+        return self.model(tokens, positions, cache, exit_layer=self.exit_layer)
+
+
+jax.tree_util.register_pytree_node(
+    _ExitAt, lambda m: ((m.model,), m.exit_layer), lambda exit_layer, children: _ExitAt(children[0], exit_layer))
+
+
+def plot(rows, path, title, group_key):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = sorted({tuple(r[g] for g in group_key) for r in rows})
+    for group in groups:
+        sel = [r for r in rows if tuple(r[g] for g in group_key) == group]
+        label = ", ".join(f"{g}={v}" for g, v in zip(group_key, group, strict=True))
+        line, = ax.plot([r["K"] for r in sel], [r["speedup"] for r in sel], "o-", label=label)
+        ax.plot([r["K"] for r in sel], [r["ideal_speedup"] for r in sel], ":", color=line.get_color())
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("K (draft tokens per round)")
+    ax.set_ylabel("speedup over generate (solid: measured, dotted: ideal)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--self", dest="self_spec", action="store_true", help="early-exit self-speculative mode")
+    parser.add_argument("--quick", action="store_true", help="tiny random models, for a smoke test")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    env = environment()
+    start = time.perf_counter()
+    if args.quick:
+        target = create_model("configs/models/tiny.yaml", rngs=0)
+        draft = create_model({**_tiny(), "num_layers": 1}, rngs=1)
+        ks, batches, exits, new_tokens, repeats = [1, 2], [1, 2], [1], 8, 1
+    else:
+        target, draft = load_model("target"), load_model("draft")
+        ks, batches, new_tokens, repeats = list(range(1, 9)), [1, 16], args.new_tokens, args.repeats
+        exits = list(range(1, target.num_layers))
+    name = "self-speculative" if args.self_spec else "speculative"
+    suffix = f"{name}-{env['device_slug']}{'-quick' if args.quick else ''}"
+    out = Path(args.out or f"benchmarks/results/{suffix}.json")
+    if args.self_spec:
+        ks = ks if args.quick else list(range(1, 7))
+        rows = self_rows(target, exits, ks, new_tokens, repeats)
+        best = max(rows, key=lambda r: r["speedup"])
+        sharing = sharing_rows(target, best["exit_layer"], best["K"], new_tokens, repeats)
+        payload = {"environment": env, "rows": rows, "best": best, "layer_sharing": sharing}
+        plot([r for r in rows if r["mode"] == "greedy"], out.with_suffix(".png"),
+             f"self-speculative (early exit), B=1, greedy - {env['device_slug']}", ["exit_layer"])
+    else:
+        rows = draft_model_rows(target, draft, ks, batches, new_tokens, repeats)
+        payload = {"environment": env, "rows": rows,
+                   "best_b1": max((r for r in rows if r["batch"] == 1), key=lambda r: r["speedup"])}
+        plot(rows, out.with_suffix(".png"), f"speculative decoding, bundled draft - {env['device_slug']}",
+             ["mode", "batch"])
+    payload["seconds_total"] = time.perf_counter() - start
+    write_json(out, payload)
+    print(f"wrote {out} and {out.with_suffix('.png')} ({payload['seconds_total']:.0f} s)")
+
+
+def _tiny():
+    import yaml
+
+    return yaml.safe_load(Path("configs/models/tiny.yaml").read_text())["model"]
+
+
+if __name__ == "__main__":
+    main()
