@@ -69,8 +69,10 @@ def python_loops(model, prompt, config, max_new_tokens):
         history = [list(map(int, row)) for row in np.asarray(prompt)]
         out = []
         for t in range(max_new_tokens):
-            tokens = [int(sampler.sample(logits[b], config, token_history=history[b]).token_id)
-                      for b in range(batch)]
+            tokens = [
+                int(sampler.sample(logits[b], config, token_history=history[b]).token_id)
+                for b in range(batch)
+            ]
             for b in range(batch):
                 history[b].append(tokens[b])
             out.append(tokens)
@@ -83,7 +85,8 @@ def python_loops(model, prompt, config, max_new_tokens):
         key, out = jax.random.key(0), []
         for t in range(max_new_tokens):
             token, logits, counts, cache = fused_step(
-                model, jax.random.fold_in(key, t), logits, counts, prompt_len + t, cache, config)
+                model, jax.random.fold_in(key, t), logits, counts, prompt_len + t, cache, config
+            )
             out.append(token)
         return jnp.stack(out, 1)
 
@@ -96,16 +99,20 @@ def bench_generate(model, batches, max_new_tokens, repeats):
     for batch in batches:
         prompt = jnp.asarray(np.tile(encode(PROMPT)[None], (batch, 1)))
         guide_loop, fused_loop = python_loops(model, prompt, config, max_new_tokens)
-        run_generate = lambda: generate(model, prompt, key=jax.random.key(1), config=config,
-                                        max_new_tokens=max_new_tokens).tokens
-        programs = {"generate": run_generate, "python_loop_fused_jit": fused_loop}
+        run_generate = functools.partial(
+            generate, model, prompt, key=jax.random.key(1), config=config, max_new_tokens=max_new_tokens
+        )
+        programs = {"generate": lambda run=run_generate: run().tokens, "python_loop_fused_jit": fused_loop}
         if batch == 1:  # the guide's TokenSampler loop is per row: too slow to run at B=16
             programs["python_loop_token_sampler"] = guide_loop
         seconds = time_interleaved(programs, repeats=repeats)
         tokens = batch * max_new_tokens
         row = {"batch": batch, "new_tokens": max_new_tokens}
         for name, values in seconds.items():
-            row[name] = {**summarize(values, max_new_tokens), "tokens_per_s": tokens / float(np.median(values))}
+            row[name] = {
+                **summarize(values, max_new_tokens),
+                "tokens_per_s": tokens / float(np.median(values)),
+            }
         for name in programs:
             if name != "generate":
                 row[f"speedup_vs_{name}"] = ratio(seconds[name], seconds["generate"])
@@ -137,28 +144,41 @@ def bench_sampling_overhead(batch, vocab, steps, repeats, model_config):
         return functools.partial(run, model, chain)
 
     programs = {
-        "forward_only": decode_program(lambda key, logits, counts, config: (
-            jnp.sum(logits[:, :1], axis=-1) > 1e9).astype(jnp.int32)),  # reads logits, no sampling
-        "argmax": decode_program(lambda key, logits, counts, config: jnp.argmax(logits, -1).astype(jnp.int32)),
-        "full_chain": decode_program(lambda key, logits, counts, config: sample(
-            key, logits, config, state=SamplingState(counts, None)).token_id),
+        "forward_only": decode_program(
+            lambda key, logits, counts, config: (jnp.sum(logits[:, :1], axis=-1) > 1e9).astype(jnp.int32)
+        ),  # reads logits, no sampling
+        "argmax": decode_program(
+            lambda key, logits, counts, config: jnp.argmax(logits, -1).astype(jnp.int32)
+        ),
+        "full_chain": decode_program(
+            lambda key, logits, counts, config: (
+                sample(key, logits, config, state=SamplingState(counts, None)).token_id
+            )
+        ),
     }
     seconds = time_interleaved(programs, repeats=repeats)
     result = {name: summarize(values, steps) for name, values in seconds.items()}
     chain_us, argmax_us = result["full_chain"]["us_per_step"], result["argmax"]["us_per_step"]
     result.update(
-        batch=batch, vocab=vocab, steps=steps, model=model_config,
+        batch=batch,
+        vocab=vocab,
+        steps=steps,
+        model=model_config,
         sampling_overhead_vs_argmax=(chain_us - argmax_us) / chain_us,
         chain_config="temperature 0.7, top_k 50, top_p 0.9, min_p 0.05, repetition_penalty 1.1",
     )
-    print(f"B={batch} V={vocab}: step with chain {chain_us:.0f} us, with argmax {argmax_us:.0f} us, "
-          f"forward only {result['forward_only']['us_per_step']:.0f} us -> sampling overhead "
-          f"{result['sampling_overhead_vs_argmax']:.1%}")
+    print(
+        f"B={batch} V={vocab}: step with chain {chain_us:.0f} us, with argmax {argmax_us:.0f} us, "
+        f"forward only {result['forward_only']['us_per_step']:.0f} us -> sampling overhead "
+        f"{result['sampling_overhead_vs_argmax']:.1%}"
+    )
     return result
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
@@ -168,8 +188,9 @@ def main(argv=None):
     if args.quick:
         model = create_model("configs/models/tiny.yaml", rngs=0)
         gen = bench_generate(model, [1, 2], max_new_tokens=8, repeats=2)
-        overhead = bench_sampling_overhead(2, 1000, 8, 2, dict(d_model=32, num_layers=1, num_heads=2,
-                                                              mlp_dim=64, attention_window=None))
+        overhead = bench_sampling_overhead(
+            2, 1000, 8, 2, dict(d_model=32, num_layers=1, num_heads=2, mlp_dim=64, attention_window=None)
+        )
     else:
         start = time.perf_counter()
         gen = bench_generate(load_model("target"), [1, 16], max_new_tokens=128, repeats=args.repeats)

@@ -15,6 +15,7 @@ Programs are compiled before timing and timed interleaved in one process.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -29,8 +30,12 @@ from rtdlm.decoding import generate, self_speculative_generate, speculative_gene
 from rtdlm.models import create_model, encode, load_model  # noqa: E402
 from rtdlm.sampling import SamplingConfig  # noqa: E402
 
-PROMPTS = ["import os\n\n\ndef main(argv):\n    ", "class Parser:\n    def __init__(self, text):\n",
-           "    for key, value in sorted(items):\n", "def fib(n):\n    "]
+PROMPTS = [
+    "import os\n\n\ndef main(argv):\n    ",
+    "class Parser:\n    def __init__(self, text):\n",
+    "    for key, value in sorted(items):\n",
+    "def fib(n):\n    ",
+]
 MODES = {"greedy": SamplingConfig(temperature=0.0), "t0.7": SamplingConfig(temperature=0.7)}
 
 
@@ -50,8 +55,12 @@ def ideal_speedup(alpha: float, k: int, c: float) -> float:
 
 def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats):
     """Times plain generate, the drafter alone and each K; returns per-K rows."""
-    programs = {"generate": run_plain, "draft_alone": run_draft_alone, **{f"K={k}": f for k, f in runs_spec.items()}}
-    for name, program in programs.items():  # compile everything before timing
+    programs = {
+        "generate": run_plain,
+        "draft_alone": run_draft_alone,
+        **{f"K={k}": f for k, f in runs_spec.items()},
+    }
+    for program in programs.values():  # compile everything before timing
         jax.block_until_ready(program().tokens)
     seconds = time_interleaved({name: (lambda p=p: p().tokens) for name, p in programs.items()}, repeats)
     plain = float(np.median(seconds["generate"]))
@@ -63,16 +72,26 @@ def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats):
         alpha = accepted / max(drafted, 1)
         rounds = drafted / (k * batch)  # per row, rows run in lockstep
         spec = float(np.median(seconds[f"K={k}"]))
-        rows.append({
-            "K": k, "batch": batch, "alpha": alpha, "c": c,
-            "tokens_per_target_call": float(np.mean(np.asarray(out.lengths))) / (rounds + 1),
-            "speedup": plain / spec, "ideal_speedup": ideal_speedup(alpha, k, c),
-            "tokens_per_s": batch * new_tokens / spec, "generate_tokens_per_s": batch * new_tokens / plain,
-            "timing": summarize(seconds[f"K={k}"], new_tokens),
-        })
+        rows.append(
+            {
+                "K": k,
+                "batch": batch,
+                "alpha": alpha,
+                "c": c,
+                "tokens_per_target_call": float(np.mean(np.asarray(out.lengths))) / (rounds + 1),
+                "speedup": plain / spec,
+                "ideal_speedup": ideal_speedup(alpha, k, c),
+                "tokens_per_s": batch * new_tokens / spec,
+                "generate_tokens_per_s": batch * new_tokens / plain,
+                "timing": summarize(seconds[f"K={k}"], new_tokens),
+            }
+        )
         rows[-1]["fraction_of_ideal"] = rows[-1]["speedup"] / rows[-1]["ideal_speedup"]
-        print(f"  K={k} B={batch}: alpha {alpha:.2f}, c {c:.2f}, speedup {rows[-1]['speedup']:.2f}x "
-              f"(ideal {rows[-1]['ideal_speedup']:.2f}x, {rows[-1]['fraction_of_ideal']:.0%})", flush=True)
+        print(
+            f"  K={k} B={batch}: alpha {alpha:.2f}, c {c:.2f}, speedup {rows[-1]['speedup']:.2f}x "
+            f"(ideal {rows[-1]['ideal_speedup']:.2f}x, {rows[-1]['fraction_of_ideal']:.0%})",
+            flush=True,
+        )
     return rows
 
 
@@ -81,12 +100,19 @@ def draft_model_rows(target, draft, ks, batches, new_tokens, repeats):
     for mode, config in MODES.items():
         for batch in batches:
             prompt, lengths = prompt_batch(batch)
-            common = dict(key=jax.random.key(0), config=config, max_new_tokens=new_tokens, prompt_lengths=lengths)
+            common = dict(
+                key=jax.random.key(0), config=config, max_new_tokens=new_tokens, prompt_lengths=lengths
+            )
             print(f"draft model, {mode}, B={batch}", flush=True)
-            runs = {k: (lambda k=k: speculative_generate(target, draft, prompt, num_speculative_tokens=k, **common))
-                    for k in ks}
-            for row in measure(lambda: generate(target, prompt, **common), lambda: generate(draft, prompt, **common),
-                               runs, batch, new_tokens, repeats):
+            runs = {
+                k: functools.partial(
+                    speculative_generate, target, draft, prompt, num_speculative_tokens=k, **common
+                )
+                for k in ks
+            }
+            plain = functools.partial(generate, target, prompt, **common)
+            draft_alone = functools.partial(generate, draft, prompt, **common)
+            for row in measure(plain, draft_alone, runs, batch, new_tokens, repeats):
                 rows.append({"mode": mode, **row})
     return rows
 
@@ -98,10 +124,20 @@ def self_rows(model, exits, ks, new_tokens, repeats):
         common = dict(key=jax.random.key(0), config=config, max_new_tokens=new_tokens, prompt_lengths=lengths)
         for exit_layer in exits:
             print(f"self-speculative, {mode}, exit layer {exit_layer}", flush=True)
-            runs = {k: (lambda k=k, e=exit_layer: self_speculative_generate(
-                model, prompt, early_exit_layer=e, num_speculative_tokens=k, **common)) for k in ks}
-            draft_alone = lambda e=exit_layer: generate(_ExitAt(model, e), prompt, **common)
-            for row in measure(lambda: generate(model, prompt, **common), draft_alone, runs, 1, new_tokens, repeats):
+            runs = {
+                k: functools.partial(
+                    self_speculative_generate,
+                    model,
+                    prompt,
+                    early_exit_layer=exit_layer,
+                    num_speculative_tokens=k,
+                    **common,
+                )
+                for k in ks
+            }
+            plain = functools.partial(generate, model, prompt, **common)
+            draft_alone = functools.partial(generate, _ExitAt(model, exit_layer), prompt, **common)
+            for row in measure(plain, draft_alone, runs, 1, new_tokens, repeats):
                 rows.append({"mode": mode, "exit_layer": exit_layer, **row})
     return rows
 
@@ -109,18 +145,35 @@ def self_rows(model, exits, ks, new_tokens, repeats):
 def sharing_rows(model, exit_layer, k, new_tokens, repeats):
     """What reusing the draft's layers saves: shared-cache verify vs full recompute."""
     prompt, lengths = prompt_batch(1)
-    common = dict(key=jax.random.key(0), config=MODES["greedy"], max_new_tokens=new_tokens,
-                  prompt_lengths=lengths, early_exit_layer=exit_layer, num_speculative_tokens=k)
-    programs = {share: (lambda s=share: self_speculative_generate(model, prompt, share_layers=s, **common).tokens)
-                for share in (True, False)}
+    common = dict(
+        key=jax.random.key(0),
+        config=MODES["greedy"],
+        max_new_tokens=new_tokens,
+        prompt_lengths=lengths,
+        early_exit_layer=exit_layer,
+        num_speculative_tokens=k,
+    )
+    programs = {
+        share: (lambda s=share: self_speculative_generate(model, prompt, share_layers=s, **common).tokens)
+        for share in (True, False)
+    }
     for program in programs.values():
         jax.block_until_ready(program())
     same = bool(jnp.array_equal(programs[True](), programs[False]()))
     seconds = time_interleaved({str(s): p for s, p in programs.items()}, repeats)
     shared, full = float(np.median(seconds["True"])), float(np.median(seconds["False"]))
-    print(f"sharing layers < {exit_layer}: {full / shared:.2f}x faster than full recompute (same tokens: {same})")
-    return {"exit_layer": exit_layer, "K": k, "shared_s": shared, "full_recompute_s": full,
-            "speedup_from_sharing": full / shared, "identical_tokens": same}
+    print(
+        f"sharing layers < {exit_layer}: {full / shared:.2f}x faster than full recompute "
+        f"(same tokens: {same})"
+    )
+    return {
+        "exit_layer": exit_layer,
+        "K": k,
+        "shared_s": shared,
+        "full_recompute_s": full,
+        "speedup_from_sharing": full / shared,
+        "identical_tokens": same,
+    }
 
 
 class _ExitAt:
@@ -137,7 +190,10 @@ class _ExitAt:
 
 
 jax.tree_util.register_pytree_node(
-    _ExitAt, lambda m: ((m.model,), m.exit_layer), lambda exit_layer, children: _ExitAt(children[0], exit_layer))
+    _ExitAt,
+    lambda m: ((m.model,), m.exit_layer),
+    lambda exit_layer, children: _ExitAt(children[0], exit_layer),
+)
 
 
 def plot(rows, path, title, group_key):
@@ -151,7 +207,7 @@ def plot(rows, path, title, group_key):
     for group in groups:
         sel = [r for r in rows if tuple(r[g] for g in group_key) == group]
         label = ", ".join(f"{g}={v}" for g, v in zip(group_key, group, strict=True))
-        line, = ax.plot([r["K"] for r in sel], [r["speedup"] for r in sel], "o-", label=label)
+        (line,) = ax.plot([r["K"] for r in sel], [r["speedup"] for r in sel], "o-", label=label)
         ax.plot([r["K"] for r in sel], [r["ideal_speedup"] for r in sel], ":", color=line.get_color())
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("K (draft tokens per round)")
@@ -163,8 +219,12 @@ def plot(rows, path, title, group_key):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--self", dest="self_spec", action="store_true", help="early-exit self-speculative mode")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--self", dest="self_spec", action="store_true", help="early-exit self-speculative mode"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random models, for a smoke test")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -190,14 +250,25 @@ def main(argv=None):
         best = max(rows, key=lambda r: r["speedup"])
         sharing = sharing_rows(target, best["exit_layer"], best["K"], new_tokens, repeats)
         payload = {"environment": env, "rows": rows, "best": best, "layer_sharing": sharing}
-        plot([r for r in rows if r["mode"] == "greedy"], out.with_suffix(".png"),
-             f"self-speculative (early exit), B=1, greedy - {env['device_slug']}", ["exit_layer"])
+        plot(
+            [r for r in rows if r["mode"] == "greedy"],
+            out.with_suffix(".png"),
+            f"self-speculative (early exit), B=1, greedy - {env['device_slug']}",
+            ["exit_layer"],
+        )
     else:
         rows = draft_model_rows(target, draft, ks, batches, new_tokens, repeats)
-        payload = {"environment": env, "rows": rows,
-                   "best_b1": max((r for r in rows if r["batch"] == 1), key=lambda r: r["speedup"])}
-        plot(rows, out.with_suffix(".png"), f"speculative decoding, bundled draft - {env['device_slug']}",
-             ["mode", "batch"])
+        payload = {
+            "environment": env,
+            "rows": rows,
+            "best_b1": max((r for r in rows if r["batch"] == 1), key=lambda r: r["speedup"]),
+        }
+        plot(
+            rows,
+            out.with_suffix(".png"),
+            f"speculative decoding, bundled draft - {env['device_slug']}",
+            ["mode", "batch"],
+        )
     payload["seconds_total"] = time.perf_counter() - start
     write_json(out, payload)
     print(f"wrote {out} and {out.with_suffix('.png')} ({payload['seconds_total']:.0f} s)")

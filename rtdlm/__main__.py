@@ -1,9 +1,9 @@
 """Command line: `python -m rtdlm {generate,train,bench}`.
 
-  python -m rtdlm generate --prompt "def fib(n):" --preset balanced --max-new-tokens 200
-  python -m rtdlm generate --prompt "import os" --speculative draft --num-speculative-tokens 4
-  python -m rtdlm train --config configs/models/target.yaml
-  python -m rtdlm bench sampler --quick
+python -m rtdlm generate --prompt "def fib(n):" --preset balanced --max-new-tokens 200
+python -m rtdlm generate --prompt "import os" --speculative draft --num-speculative-tokens 4
+python -m rtdlm train --config configs/models/target.yaml
+python -m rtdlm bench sampler --quick
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ def _sampling_config(args):
 
     config = PRESETS[args.preset]() if args.preset else SamplingConfig()
     overrides = {
-        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
         "repetition_penalty": args.repetition_penalty,
     }
     overrides = {name: value for name, value in overrides.items() if value is not None}
@@ -43,8 +46,12 @@ def _generate(args) -> int:
     model = load_model(args.model)
     prompt = np.tile(encode(args.prompt)[None], (args.batch, 1))
     key = jax.random.key(args.seed)
-    common = dict(key=key, config=config, max_new_tokens=args.max_new_tokens,
-                  eos_token_id=EOS_ID if args.stop_at_eos else None)
+    common = dict(
+        key=key,
+        config=config,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=EOS_ID if args.stop_at_eos else None,
+    )
     print(args.prompt, end="", flush=True)
 
     if args.speculative == "none":
@@ -63,15 +70,28 @@ def _generate(args) -> int:
         print(decoder.decode(b"", final=True))
         steady = end - first_token_at[0]
         new_tokens = int(np.asarray(out.lengths).sum())
-        print(f"\n[{new_tokens} tokens ({args.batch} rows): {(new_tokens - args.batch) / max(steady, 1e-9):.1f} "
-              f"tokens/s after the first token; compile + prefill {first_token_at[0] - start:.2f} s]")
+        print(
+            f"\n[{new_tokens} tokens ({args.batch} rows): "
+            f"{(new_tokens - args.batch) / max(steady, 1e-9):.1f} "
+            f"tokens/s after the first token; compile + prefill {first_token_at[0] - start:.2f} s]"
+        )
     else:
         if args.speculative == "draft":
-            run = lambda: speculative_generate(model, load_model(args.draft_model), prompt,
-                                               num_speculative_tokens=args.num_speculative_tokens, **common)
+            run = lambda: speculative_generate(
+                model,
+                load_model(args.draft_model),
+                prompt,
+                num_speculative_tokens=args.num_speculative_tokens,
+                **common,
+            )
         else:
-            run = lambda: self_speculative_generate(model, prompt, early_exit_layer=args.early_exit_layer,
-                                                    num_speculative_tokens=args.num_speculative_tokens, **common)
+            run = lambda: self_speculative_generate(
+                model,
+                prompt,
+                early_exit_layer=args.early_exit_layer,
+                num_speculative_tokens=args.num_speculative_tokens,
+                **common,
+            )
         jax.block_until_ready(run().tokens)  # compile
         start = time.perf_counter()
         out = run()
@@ -80,16 +100,21 @@ def _generate(args) -> int:
         print(decode(np.asarray(out.tokens[0, : int(out.lengths[0])])))
         new_tokens = int(np.asarray(out.lengths).sum())
         accepted = float(np.asarray(out.num_accepted).sum() / max(1, np.asarray(out.num_drafted).sum()))
-        print(f"\n[{new_tokens} tokens ({args.batch} rows): {new_tokens / seconds:.1f} tokens/s, "
-              f"{args.speculative} drafts accepted {accepted:.0%} (compile excluded)]")
+        print(
+            f"\n[{new_tokens} tokens ({args.batch} rows): {new_tokens / seconds:.1f} tokens/s, "
+            f"{args.speculative} drafts accepted {accepted:.0%} (compile excluded)]"
+        )
     for row in range(1, args.batch):
-        print(f"--- row {row} ---\n{args.prompt}{decode(np.asarray(out.tokens[row, : int(out.lengths[row])]))}")
+        print(
+            f"--- row {row} ---\n{args.prompt}{decode(np.asarray(out.tokens[row, : int(out.lengths[row])]))}"
+        )
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rtdlm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m rtdlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate text with the bundled byte-level model")

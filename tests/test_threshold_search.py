@@ -11,7 +11,7 @@ from rtdlm.sampling.filters import _pairwise_threshold, _radix_select, order_key
 def _reference(keys, weights, target):
     """Largest key t with sum(weights[keys >= t]) >= target, by sorting (NumPy)."""
     out = []
-    for k, w, goal in zip(keys, weights, target):
+    for k, w, goal in zip(keys, weights, target, strict=True):
         order = np.argsort(-k.astype(np.int64), kind="stable")
         mass = np.cumsum(w[order].astype(np.float64))
         out.append(k[order][np.argmax(mass >= goal)])

@@ -135,15 +135,23 @@ def generate(
     )
     config = with_eos(config, eos_token_id)
     return _generate(
-        model, prompt, lengths, key, config, pad_token_id,
-        max_new_tokens=max_new_tokens, cache_length=cache_length, stream=stream,
+        model,
+        prompt,
+        lengths,
+        key,
+        config,
+        pad_token_id,
+        max_new_tokens=max_new_tokens,
+        cache_length=cache_length,
+        stream=stream,
         stop_when_done=stop_when_done,
     )
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_length", "stream", "stop_when_done"))
-def _generate(model, prompt, lengths, key, config, pad_token_id, *, max_new_tokens, cache_length,
-              stream, stop_when_done):
+def _generate(
+    model, prompt, lengths, key, config, pad_token_id, *, max_new_tokens, cache_length, stream, stop_when_done
+):
     batch, prompt_len = prompt.shape
     cache = model.init_cache(batch, cache_length)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
@@ -153,8 +161,15 @@ def _generate(model, prompt, lengths, key, config, pad_token_id, *, max_new_toke
 
     # Loop state: (step t, cache, next-token logits [B, V], history counts [B, V],
     #              position of the next token [B], finished rows [B], output [B, N])
-    init = (0, cache, logits, prompt_history(prompt, lengths, logits.shape[-1]), lengths,
-            jnp.zeros(batch, bool), jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32))
+    init = (
+        0,
+        cache,
+        logits,
+        prompt_history(prompt, lengths, logits.shape[-1]),
+        lengths,
+        jnp.zeros(batch, bool),
+        jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32),
+    )
 
     def step(state):
         t, cache, logits, counts, position, done, out = state

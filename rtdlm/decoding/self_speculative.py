@@ -22,7 +22,8 @@ from rtdlm.sampling import SamplingConfig
 def can_share_layers(model) -> bool:
     """Whether the model exposes `embed`, `run_layers` and `logits` (and `num_layers`)."""
     return all(callable(getattr(model, name, None)) for name in ("embed", "run_layers", "logits")) and (
-        isinstance(getattr(model, "num_layers", None), int))
+        isinstance(getattr(model, "num_layers", None), int)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,9 @@ class EarlyExit(Drafting):
         if not self.share_layers:
             return model(tokens, positions, cache)
         # saved: [K, B, D], layer-E states of tokens[:, :K]; the last draft still needs layers < E.
-        last, cache = model.run_layers(model.embed(tokens[:, -1:]), positions[:, -1:], cache, 0, self.exit_layer)
+        last, cache = model.run_layers(
+            model.embed(tokens[:, -1:]), positions[:, -1:], cache, 0, self.exit_layer
+        )
         hidden = jnp.concatenate([jnp.swapaxes(saved, 0, 1), last], axis=1)  # [B, K+1, D]
         hidden, cache = model.run_layers(hidden, positions, cache, self.exit_layer, model.num_layers)
         return model.logits(hidden), cache
@@ -77,8 +80,10 @@ def self_speculative_generate(
     if isinstance(early_exit_layer, bool) or not isinstance(early_exit_layer, int):
         raise TypeError(f"early_exit_layer must be an int, got {early_exit_layer!r}")
     if isinstance(num_layers, int) and not 1 <= early_exit_layer < num_layers:
-        raise ValueError(f"early_exit_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer "
-                         f"model, got {early_exit_layer}")
+        raise ValueError(
+            f"early_exit_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer "
+            f"model, got {early_exit_layer}"
+        )
     if early_exit_layer < 1:
         raise ValueError(f"early_exit_layer must be >= 1, got {early_exit_layer}")
     if share_layers is None:
@@ -89,9 +94,16 @@ def self_speculative_generate(
         model, prompt_tokens, prompt_lengths, max_new_tokens, config, num_speculative_tokens
     )
     return speculative_loop(
-        EarlyExit(early_exit_layer, share_layers), model, prompt, lengths, key,
-        with_eos(config, eos_token_id), pad_token_id, num_speculative_tokens=num_speculative_tokens,
-        max_new_tokens=max_new_tokens, cache_length=cache_length,
+        EarlyExit(early_exit_layer, share_layers),
+        model,
+        prompt,
+        lengths,
+        key,
+        with_eos(config, eos_token_id),
+        pad_token_id,
+        num_speculative_tokens=num_speculative_tokens,
+        max_new_tokens=max_new_tokens,
+        cache_length=cache_length,
     )
 
 
@@ -103,8 +115,14 @@ class SelfSpeculativeDecoder:
         >>> output = self_spec.generate(input_ids, max_new_tokens=100)
     """
 
-    def __init__(self, model, early_exit_layer: int, num_speculative_tokens: int = 4,
-                 config: SamplingConfig | None = None, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        early_exit_layer: int,
+        num_speculative_tokens: int = 4,
+        config: SamplingConfig | None = None,
+        seed: int = 0,
+    ):
         check_num_speculative_tokens(num_speculative_tokens)
         num_layers = getattr(model, "num_layers", None)
         if isinstance(num_layers, int) and not 1 <= early_exit_layer < num_layers:
@@ -114,13 +132,25 @@ class SelfSpeculativeDecoder:
         self.config = SamplingConfig() if config is None else config
         self._key = jax.random.key(seed)
 
-    def generate(self, input_ids, max_new_tokens: int = 100, *, config: SamplingConfig | None = None,
-                 key: jax.Array | None = None, **kwargs) -> GenerationOutput:
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 100,
+        *,
+        config: SamplingConfig | None = None,
+        key: jax.Array | None = None,
+        **kwargs,
+    ) -> GenerationOutput:
         """`self_speculative_generate` with this decoder's model, exit layer, K and config."""
         if key is None:
             self._key, key = jax.random.split(self._key)
         return self_speculative_generate(
-            self.model, input_ids, key=key, config=config or self.config, max_new_tokens=max_new_tokens,
-            early_exit_layer=self.early_exit_layer, num_speculative_tokens=self.num_speculative_tokens,
+            self.model,
+            input_ids,
+            key=key,
+            config=config or self.config,
+            max_new_tokens=max_new_tokens,
+            early_exit_layer=self.early_exit_layer,
+            num_speculative_tokens=self.num_speculative_tokens,
             **kwargs,
         )

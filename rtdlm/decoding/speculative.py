@@ -112,13 +112,22 @@ def speculative_generate(
     check_num_speculative_tokens(num_speculative_tokens)
     target_vocab, draft_vocab = vocab_size(target_model), vocab_size(draft_model)
     if target_vocab != draft_vocab:
-        raise ValueError(f"draft_model's vocabulary ({draft_vocab}) differs from target_model's ({target_vocab})")
+        raise ValueError(
+            f"draft_model's vocabulary ({draft_vocab}) differs from target_model's ({target_vocab})"
+        )
     prompt, lengths, cache_length = check_generation_args(
         target_model, prompt_tokens, prompt_lengths, max_new_tokens, config, num_speculative_tokens
     )
     return speculative_loop(
-        DraftModel(), (target_model, draft_model), prompt, lengths, key, with_eos(config, eos_token_id),
-        pad_token_id, num_speculative_tokens=num_speculative_tokens, max_new_tokens=max_new_tokens,
+        DraftModel(),
+        (target_model, draft_model),
+        prompt,
+        lengths,
+        key,
+        with_eos(config, eos_token_id),
+        pad_token_id,
+        num_speculative_tokens=num_speculative_tokens,
+        max_new_tokens=max_new_tokens,
         cache_length=cache_length,
     )
 
@@ -126,8 +135,19 @@ def speculative_generate(
 @functools.partial(
     jax.jit, static_argnames=("drafting", "num_speculative_tokens", "max_new_tokens", "cache_length")
 )
-def speculative_loop(drafting: Drafting, models, prompt, lengths, key, config, pad_token_id, *,
-                     num_speculative_tokens, max_new_tokens, cache_length) -> GenerationOutput:
+def speculative_loop(
+    drafting: Drafting,
+    models,
+    prompt,
+    lengths,
+    key,
+    config,
+    pad_token_id,
+    *,
+    num_speculative_tokens,
+    max_new_tokens,
+    cache_length,
+) -> GenerationOutput:
     """The shared speculative decode loop (see module docstring)."""
     k = num_speculative_tokens
     batch, prompt_len = prompt.shape
@@ -145,9 +165,19 @@ def speculative_loop(drafting: Drafting, models, prompt, lengths, key, config, p
     # Round state: (round, caches, history counts [B, V], token before `last` [B],
     #   last emitted token, not yet fed to the models [B], its position [B],
     #   tokens emitted [B], finished [B], output [B, N], drafted [B], accepted [B])
-    state = (1, caches, add_tokens(counts, first, jnp.ones(batch, bool)),
-             prompt[rows, lengths - 1], first, lengths, jnp.ones(batch, jnp.int32),
-             (first == eos) | (max_new_tokens == 1), out, zeros, zeros)
+    state = (
+        1,
+        caches,
+        add_tokens(counts, first, jnp.ones(batch, bool)),
+        prompt[rows, lengths - 1],
+        first,
+        lengths,
+        jnp.ones(batch, jnp.int32),
+        (first == eos) | (max_new_tokens == 1),
+        out,
+        zeros,
+        zeros,
+    )
 
     def draft_step(carry, j):
         caches, before, last, position, counts, round_key, emitted = carry
@@ -155,10 +185,19 @@ def speculative_loop(drafting: Drafting, models, prompt, lengths, key, config, p
             models, caches, jnp.stack([before, last], 1), jnp.stack([position - 1, position], 1)
         )
         processed = process_logits(logits, config, state=SamplingState(counts, emitted + j))
-        drafted = draw(row_keys(jax.random.fold_in(round_key, j), config, batch), jnp.exp(
-            processed - jnp.max(processed, axis=-1, keepdims=True)))
-        carry = (caches, last, drafted, position + 1, add_tokens(counts, drafted, jnp.ones(batch, bool)),
-                 round_key, emitted)
+        drafted = draw(
+            row_keys(jax.random.fold_in(round_key, j), config, batch),
+            jnp.exp(processed - jnp.max(processed, axis=-1, keepdims=True)),
+        )
+        carry = (
+            caches,
+            last,
+            drafted,
+            position + 1,
+            add_tokens(counts, drafted, jnp.ones(batch, bool)),
+            round_key,
+            emitted,
+        )
         return carry, (drafted, probabilities(processed), counts, saved)
 
     def one_round(state):
@@ -178,7 +217,8 @@ def speculative_loop(drafting: Drafting, models, prompt, lengths, key, config, p
         history = jnp.concatenate([draft_counts, counts_all[None]], axis=0)  # [K+1, B, V]
         history = jnp.swapaxes(history, 0, 1).reshape(batch * (k + 1), -1)
         processed = process_logits(
-            logits.reshape(batch * (k + 1), -1).astype(jnp.float32), config.repeat_rows(k + 1),
+            logits.reshape(batch * (k + 1), -1).astype(jnp.float32),
+            config.repeat_rows(k + 1),
             state=SamplingState(history, (emitted[:, None] + jnp.arange(k + 1)).reshape(-1)),
         )
         p = probabilities(processed).reshape(batch, k + 1, -1)
@@ -195,15 +235,29 @@ def speculative_loop(drafting: Drafting, models, prompt, lengths, key, config, p
         count = jnp.where(done, 0, jnp.minimum(upto_eos, max_new_tokens - emitted))  # [B]
         write = slot < count[:, None]
         out = out.at[rows[:, None], jnp.where(write, emitted[:, None] + slot, max_new_tokens)].set(
-            new, mode="drop")
+            new, mode="drop"
+        )
         counts = counts.at[rows[:, None], new].add(write.astype(counts.dtype))
         last_index = jnp.maximum(count - 1, 0)
         new_last = jnp.where(count > 0, new[rows, last_index], last)
-        new_before = jnp.where(count > 1, new[rows, jnp.maximum(count - 2, 0)], jnp.where(count > 0, last, before))
+        new_before = jnp.where(
+            count > 1, new[rows, jnp.maximum(count - 2, 0)], jnp.where(count > 0, last, before)
+        )
         active = ~done
         done = done | jnp.any(is_eos & write, 1) | (emitted + count >= max_new_tokens)
-        return (r + 1, caches, counts, new_before, new_last, position + count, emitted + count, done, out,
-                drafted_n + k * active, accepted_n + num_accepted * active)
+        return (
+            r + 1,
+            caches,
+            counts,
+            new_before,
+            new_last,
+            position + count,
+            emitted + count,
+            done,
+            out,
+            drafted_n + k * active,
+            accepted_n + num_accepted * active,
+        )
 
     state = jax.lax.while_loop(lambda s: ~jnp.all(s[7]), one_round, state)
     out = state[8]
@@ -220,20 +274,39 @@ class SpeculativeDecoder:
         >>> output.tokens, output.num_accepted / output.num_drafted
     """
 
-    def __init__(self, target_model, draft_model, num_speculative_tokens: int = 4,
-                 config: SamplingConfig | None = None, seed: int = 0):
+    def __init__(
+        self,
+        target_model,
+        draft_model,
+        num_speculative_tokens: int = 4,
+        config: SamplingConfig | None = None,
+        seed: int = 0,
+    ):
         check_num_speculative_tokens(num_speculative_tokens)
         self.target_model, self.draft_model = target_model, draft_model
         self.num_speculative_tokens = num_speculative_tokens
         self.config = SamplingConfig() if config is None else config
         self._key = jax.random.key(seed)
 
-    def generate(self, input_ids, max_new_tokens: int = 100, *, config: SamplingConfig | None = None,
-                 key: jax.Array | None = None, **kwargs) -> GenerationOutput:
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 100,
+        *,
+        config: SamplingConfig | None = None,
+        key: jax.Array | None = None,
+        **kwargs,
+    ) -> GenerationOutput:
         """`speculative_generate` with this decoder's models, K and config; `input_ids` [B, P] or [P]."""
         if key is None:
             self._key, key = jax.random.split(self._key)
         return speculative_generate(
-            self.target_model, self.draft_model, input_ids, key=key, config=config or self.config,
-            max_new_tokens=max_new_tokens, num_speculative_tokens=self.num_speculative_tokens, **kwargs,
+            self.target_model,
+            self.draft_model,
+            input_ids,
+            key=key,
+            config=config or self.config,
+            max_new_tokens=max_new_tokens,
+            num_speculative_tokens=self.num_speculative_tokens,
+            **kwargs,
         )

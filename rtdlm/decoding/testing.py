@@ -38,7 +38,9 @@ class MarkovModel:
         return table[tokens], cache  # [B, T, V]
 
 
-def random_markov_model(vocab_size: int, seed: int = 0, scale: float = 2.0, num_layers: int = 1) -> MarkovModel:
+def random_markov_model(
+    vocab_size: int, seed: int = 0, scale: float = 2.0, num_layers: int = 1
+) -> MarkovModel:
     """A MarkovModel with Gaussian logits; exits get noisier versions of the final table."""
     rng = np.random.default_rng(seed)
     table = rng.normal(size=(vocab_size, vocab_size)).astype(np.float32) * scale

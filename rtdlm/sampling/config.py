@@ -60,9 +60,12 @@ def _as_field_array(name: str, value: Any) -> np.ndarray:
         raise ValueError(f"SamplingConfig.{name} must be a scalar or a [B] array, got shape {raw.shape}")
     if np.issubdtype(raw.dtype, np.floating) and np.isnan(raw).any():
         raise ValueError(f"SamplingConfig.{name} must not be NaN")
-    if np.issubdtype(dtype, np.integer) and np.issubdtype(raw.dtype, np.floating):
-        if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
-            raise ValueError(f"SamplingConfig.{name} must be an integer, got {value!r}")
+    if (
+        np.issubdtype(dtype, np.integer)
+        and np.issubdtype(raw.dtype, np.floating)
+        and not (np.all(np.isfinite(raw)) and np.all(raw == np.round(raw)))
+    ):
+        raise ValueError(f"SamplingConfig.{name} must be an integer, got {value!r}")
     if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(raw)):
         raise ValueError(f"SamplingConfig.{name} must be finite, got {value!r}")
     for v in raw.reshape(-1).tolist():
@@ -142,12 +145,15 @@ class SamplingConfig:
             if value is not None and _is_concrete(value):
                 object.__setattr__(self, name, _as_field_array(name, value))
         if isinstance(self.logit_bias, Mapping) or (
-            isinstance(self.logit_bias, list) and self.logit_bias
+            isinstance(self.logit_bias, list)
+            and self.logit_bias
             and all(isinstance(v, Mapping) for v in self.logit_bias)
         ):
             object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         if isinstance(self.banned_token_ids, (list, tuple)):
-            object.__setattr__(self, "banned_token_ids", _ragged_ids("banned_token_ids", self.banned_token_ids))
+            object.__setattr__(
+                self, "banned_token_ids", _ragged_ids("banned_token_ids", self.banned_token_ids)
+            )
         for name in ("num_top_tokens", "num_candidates"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -208,18 +214,31 @@ class SamplingConfig:
         """
         if not isinstance(source, Mapping):
             source = json.loads(Path(source).read_text())
-        hf = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
-              "repetition_penalty": 1.0, "do_sample": False, "eos_token_id": None,
-              "min_new_tokens": None}
+        hf = {
+            "temperature": 1.0,
+            "top_k": 50,
+            "top_p": 1.0,
+            "min_p": None,
+            "typical_p": 1.0,
+            "repetition_penalty": 1.0,
+            "do_sample": False,
+            "eos_token_id": None,
+            "min_new_tokens": None,
+        }
         hf.update({k: v for k, v in source.items() if k in hf})
         eos = hf["eos_token_id"]
         if isinstance(eos, (list, tuple)):
             eos = eos[0] if eos else None
         return cls(
-            temperature=hf["temperature"], top_k=hf["top_k"] or 0, top_p=hf["top_p"],
-            min_p=hf["min_p"] or 0.0, typical_p=hf["typical_p"],
-            repetition_penalty=hf["repetition_penalty"], do_sample=bool(hf["do_sample"]),
-            eos_token_id=-1 if eos is None else eos, min_new_tokens=hf["min_new_tokens"] or 0,
+            temperature=hf["temperature"],
+            top_k=hf["top_k"] or 0,
+            top_p=hf["top_p"],
+            min_p=hf["min_p"] or 0.0,
+            typical_p=hf["typical_p"],
+            repetition_penalty=hf["repetition_penalty"],
+            do_sample=bool(hf["do_sample"]),
+            eos_token_id=-1 if eos is None else eos,
+            min_new_tokens=hf["min_new_tokens"] or 0,
         )
 
 

@@ -131,7 +131,8 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p):
         center = row_max + jnp.log(z_kept) - entropy
         t_typ = _largest_threshold(
             jnp.where(kept_mass > 0, _typical_key(values, center), _MIN_KEY),
-            kept_mass, typical_p * z_kept,
+            kept_mass,
+            typical_p * z_kept,
         )
         return center, jnp.where(typical_p < 1.0, t_typ, _MIN_KEY)
 

@@ -29,6 +29,8 @@ class SamplingState(NamedTuple):
     num_generated: jax.Array | None = None  # [B] int32: new tokens so far (min_new_tokens)
 
 
+NO_HISTORY = SamplingState()
+
 Processor = Callable[[jax.Array, SamplingConfig, SamplingState], jax.Array]
 
 
@@ -53,7 +55,7 @@ def _scatter_rows(logits, ids, update):
     return update(logits.at[jnp.arange(batch)[:, None], ids], ids)
 
 
-def apply_logit_bias(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def apply_logit_bias(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """Adds `config.logit_bias` ({token: bias}) to the logits."""
     if config.logit_bias is None:
         return logits
@@ -64,14 +66,14 @@ def apply_logit_bias(logits, config: SamplingConfig, state: SamplingState = Samp
     )
 
 
-def mask_banned_tokens(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def mask_banned_tokens(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """Sets `config.banned_token_ids` to -inf."""
     if config.banned_token_ids is None:
         return logits
     return _scatter_rows(logits, config.banned_token_ids, lambda at, _: at.set(-jnp.inf, mode="drop"))
 
 
-def mask_eos_before_min_new_tokens(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def mask_eos_before_min_new_tokens(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """Masks `config.eos_token_id` while fewer than `config.min_new_tokens` were generated."""
     batch, vocab = logits.shape
     generated = state.num_generated if state.num_generated is not None else jnp.zeros(batch, jnp.int32)
@@ -81,7 +83,7 @@ def mask_eos_before_min_new_tokens(logits, config: SamplingConfig, state: Sampli
     return jnp.where(is_eos & too_early[:, None], -jnp.inf, logits)
 
 
-def apply_repetition_penalty(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def apply_repetition_penalty(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """HF rule on every token seen: negative logits times the penalty, positive ones divided."""
     if state.token_counts is None:
         return logits
@@ -91,7 +93,7 @@ def apply_repetition_penalty(logits, config: SamplingConfig, state: SamplingStat
     return jnp.where(state.token_counts > 0, penalised, logits)
 
 
-def apply_presence_frequency_penalties(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def apply_presence_frequency_penalties(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """OpenAI rule: `logit - presence * [count > 0] - frequency * count`."""
     if state.token_counts is None:
         return logits
@@ -108,7 +110,7 @@ def is_greedy(config: SamplingConfig, batch: int) -> jax.Array:
     return ~(temperature > 0) | ~per_row(config.do_sample, batch, jnp.bool_)
 
 
-def apply_temperature(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def apply_temperature(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """Divides by the temperature (greedy rows are left as they are)."""
     batch = logits.shape[0]
     temperature = per_row(config.temperature, batch, jnp.float32)
@@ -123,30 +125,35 @@ def _truncation(logits, config, **params):
     return truncate(logits, num_candidates=config.num_candidates, **args)
 
 
-def apply_truncation(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def apply_truncation(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """top-k, top-p, min-p and typical-p in one exact, sort-free pass; greedy rows keep argmax."""
     return _truncation(
-        logits, config, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
-        typical_p=config.typical_p, greedy=is_greedy(config, logits.shape[0]),
+        logits,
+        config,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        min_p=config.min_p,
+        typical_p=config.typical_p,
+        greedy=is_greedy(config, logits.shape[0]),
     )
 
 
-def filter_top_k(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def filter_top_k(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """Keeps the `top_k` largest logits (ties with the k-th kept)."""
     return _truncation(logits, config, top_k=config.top_k)
 
 
-def filter_top_p(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def filter_top_p(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """Keeps the smallest set of most probable tokens whose mass reaches `top_p`."""
     return _truncation(logits, config, top_p=config.top_p)
 
 
-def filter_min_p(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def filter_min_p(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """Keeps tokens with probability >= `min_p` times the top token's."""
     return _truncation(logits, config, min_p=config.min_p)
 
 
-def filter_typical_p(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+def filter_typical_p(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
     """Locally typical sampling: tokens closest to the entropy, up to mass `typical_p`."""
     return _truncation(logits, config, typical_p=config.typical_p)
 
@@ -154,7 +161,7 @@ def filter_typical_p(logits, config: SamplingConfig, state: SamplingState = Samp
 def chain(*processors: Processor) -> Processor:
     """Composes processors left to right, like `optax.chain`."""
 
-    def apply(logits, config: SamplingConfig, state: SamplingState = SamplingState()):
+    def apply(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
         for processor in processors:
             logits = processor(logits, config, state)
         return logits

@@ -53,8 +53,7 @@ def _as_batch(logits, token_history):
         else:
             token_history = jnp.atleast_2d(token_history)
             if token_history.shape[0] != logits.shape[0]:
-                raise ValueError(
-                    f"token_history has {token_history.shape[0]} rows, logits {logits.shape[0]}")
+                raise ValueError(f"token_history has {token_history.shape[0]} rows, logits {logits.shape[0]}")
     return logits, token_history, squeeze
 
 
@@ -63,8 +62,10 @@ def _check_config(config: SamplingConfig, batch: int, squeeze: bool) -> None:
         raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
     rows = config.batch_size()
     if rows is not None and (rows != batch or squeeze):
-        raise ValueError(f"SamplingConfig has per-row values for {rows} rows, logits have "
-                         f"{'no batch axis' if squeeze else f'{batch} rows'}")
+        raise ValueError(
+            f"SamplingConfig has per-row values for {rows} rows, logits have "
+            f"{'no batch axis' if squeeze else f'{batch} rows'}"
+        )
 
 
 def _state_from_history(token_history, vocab: int) -> SamplingState:
