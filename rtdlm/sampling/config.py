@@ -48,7 +48,7 @@ def _is_concrete(value: Any) -> bool:
     """True for values we can check on the host (not tracers, not JAX's placeholders)."""
     if isinstance(value, jax.core.Tracer):
         return False
-    return isinstance(value, (bool, int, float, list, tuple, np.ndarray, np.generic, jax.Array))
+    return isinstance(value, (bool, int, float, str, list, tuple, np.ndarray, np.generic, jax.Array))
 
 
 def _as_field_array(name: str, value: Any) -> np.ndarray:
@@ -77,7 +77,12 @@ def _as_field_array(name: str, value: Any) -> np.ndarray:
 
 def _ragged_ids(name: str, ids: Any) -> np.ndarray:
     """Token ids as `[N]` or, for a list of per-row lists, `[B, N]` padded with -1."""
-    if ids and isinstance(ids[0], (list, tuple, np.ndarray)):
+    if isinstance(ids, (np.ndarray, int, np.integer)):
+        arr = np.asarray(ids)
+        if not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 2:
+            raise ValueError(f"SamplingConfig.{name} must be integer ids, [N] or [B, N], got {ids!r}")
+        arr = arr.reshape(-1) if arr.ndim == 0 else arr
+    elif ids and isinstance(ids[0], (list, tuple, np.ndarray)):
         width = max(len(row) for row in ids)
         out = np.full((len(ids), max(width, 1)), -1, np.int32)
         for b, row in enumerate(ids):
@@ -137,6 +142,8 @@ class SamplingConfig:
     eos_token_id: Any = -1  # -1: no EOS (used by min_new_tokens)
     num_top_tokens: int = struct.field(pytree_node=False, default=10)  # SamplingResult.top_*
     num_candidates: int = struct.field(pytree_node=False, default=128)  # fast-filter width
+    # Inside shard_map: the mesh axis the vocabulary is split over (see rtdlm.sharding).
+    vocab_axis: str | None = struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
         # Also runs when JAX rebuilds the tree from tracers: check only concrete values.
@@ -144,16 +151,19 @@ class SamplingConfig:
             value = getattr(self, name)
             if value is not None and _is_concrete(value):
                 object.__setattr__(self, name, _as_field_array(name, value))
-        if isinstance(self.logit_bias, Mapping) or (
-            isinstance(self.logit_bias, list)
-            and self.logit_bias
-            and all(isinstance(v, Mapping) for v in self.logit_bias)
+        bias = self.logit_bias
+        if isinstance(bias, Mapping) or (
+            isinstance(bias, (list, tuple)) and bias and all(isinstance(v, Mapping) for v in bias)
         ):
-            object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
-        if isinstance(self.banned_token_ids, (list, tuple)):
-            object.__setattr__(
-                self, "banned_token_ids", _ragged_ids("banned_token_ids", self.banned_token_ids)
-            )
+            object.__setattr__(self, "logit_bias", _logit_bias(bias))
+        elif bias is not None and not (isinstance(bias, tuple) and len(bias) == 2):
+            # (ids, biases) arrays, as stored, pass through (JAX rebuilds trees with them)
+            raise TypeError(f"SamplingConfig.logit_bias must be a {{token_id: bias}} dict, got {bias!r}")
+        banned = self.banned_token_ids
+        if isinstance(banned, (list, tuple, int, np.integer, np.ndarray)) and not isinstance(banned, bool):
+            object.__setattr__(self, "banned_token_ids", _ragged_ids("banned_token_ids", banned))
+        elif banned is not None and _is_concrete(banned) and not isinstance(banned, jax.Array):
+            raise TypeError(f"SamplingConfig.banned_token_ids must be token ids, got {banned!r}")
         for name in ("num_top_tokens", "num_candidates"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rtdlm.sampling.vocab import LOCAL, Vocab
+
 _RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of the uint32 key, high first
 _PAIRWISE_MAX_WIDTH = 512  # rows up to this wide compare all pairs; wider: radix select
 _MIN_KEY = jnp.uint32(0)
@@ -30,20 +32,24 @@ _MIN_KEY = jnp.uint32(0)
 
 def order_key(x: jax.Array) -> jax.Array:
     """Maps float32 to uint32 so that `x < y` iff `key(x) < key(y)` (-inf lowest)."""
-    bits = lax.bitcast_convert_type(x + 0.0, jnp.uint32)  # + 0.0 turns -0.0 into +0.0
+    x = jnp.where(x == 0, 0.0, x)  # -0.0 -> +0.0 (XLA folds the cheaper `x + 0.0` away)
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _largest_threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+def _largest_threshold(
+    keys: jax.Array, weights: jax.Array, target: jax.Array, vocab: Vocab = LOCAL
+) -> jax.Array:
     """Largest t with `sum(weights[keys >= t]) >= target`, per row (exact; a key of a
     positive-weight element). keys, weights: [B, N]; target: [B]. If the target is
     unreachable, returns a key <= every key (callers check reachability themselves).
 
     Narrow rows (candidate sets, small vocabularies): all N thresholds at once, O(N^2)
-    work but no loop. Wide rows (whole vocabularies): radix select, 3 histogram passes.
+    work but no loop. Wide or sharded rows: radix select, 3 histogram passes (with a
+    sharded vocabulary only the [B, 2048] histograms cross devices).
     """
-    if keys.shape[-1] > _PAIRWISE_MAX_WIDTH:
-        return _radix_select(keys, weights, target)
+    if vocab.sharded or keys.shape[-1] > _PAIRWISE_MAX_WIDTH:
+        return _radix_select(keys, weights, target, vocab)
     return _pairwise_threshold(keys, weights, target)
 
 
@@ -53,7 +59,7 @@ def _pairwise_threshold(keys, weights, target):
     return jnp.max(jnp.where(mass >= target[:, None], keys, _MIN_KEY), axis=-1)
 
 
-def _radix_select(keys, weights, target):
+def _radix_select(keys, weights, target, vocab: Vocab = LOCAL):
     batch = keys.shape[0]
     rows = jnp.arange(batch)[:, None]
     prefix = jnp.zeros(batch, jnp.uint32)  # the threshold's bits decided so far
@@ -65,6 +71,7 @@ def _radix_select(keys, weights, target):
         if high < 32:  # only keys sharing the decided prefix compete; the others are dropped
             digit = jnp.where((keys >> high) == (prefix >> high)[:, None], digit, size)
         hist = jnp.zeros((batch, size), weights.dtype).at[rows, digit].add(weights, mode="drop")
+        hist = vocab.combine_sum(hist)
         at_or_above = jnp.cumsum(hist[:, ::-1], axis=-1)[:, ::-1]  # [B, size] mass of digits >= d
         reaches = above[:, None] + at_or_above >= target[:, None]  # True up to the answer
         best = jnp.maximum(jnp.sum(reaches, axis=-1) - 1, 0)  # [B]
@@ -92,8 +99,9 @@ def _typical_key(z, center):
     return order_key(-jnp.abs(z - center[:, None]))
 
 
-def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p):
-    """Thresholds computed on `values` [B, N] (the whole row or its largest N logits).
+def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, vocab=LOCAL):
+    """Thresholds computed on `values` [B, N] (the whole row or its largest N logits;
+    `vocab` says whether `values` is one shard of a vocabulary-sharded row).
 
     Returns the rule and, per row, whether the top-p crossing was reached inside `values`.
     `total_mass` [B] is the whole row's sum of exp(z - row_max) (top-p's normaliser when
@@ -103,18 +111,18 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p):
     mass = jnp.exp(values - row_max[:, None])  # [B, N]; 0 for -inf
 
     def top_k_threshold():
-        return jnp.where(top_k > 0, _largest_threshold(keys, jnp.ones_like(mass), top_k), _MIN_KEY)
+        return jnp.where(top_k > 0, _largest_threshold(keys, jnp.ones_like(mass), top_k, vocab), _MIN_KEY)
 
     use_k = top_k > 0
     t_k = lax.cond(jnp.any(use_k), top_k_threshold, lambda: jnp.zeros_like(top_k, jnp.uint32))
     mass_k = jnp.where(keys >= t_k[:, None], mass, 0.0)
-    kept_mass_k = jnp.sum(mass_k, axis=-1)
+    kept_mass_k = vocab.sum(mass_k)
     normaliser = jnp.where(use_k, kept_mass_k, total_mass)  # top-p runs on the top-k renormalised
     target_p = top_p * normaliser
     use_p = top_p < 1.0
     t_p = lax.cond(
         jnp.any(use_p),
-        lambda: jnp.where(use_p, _largest_threshold(keys, mass_k, target_p), _MIN_KEY),
+        lambda: jnp.where(use_p, _largest_threshold(keys, mass_k, target_p, vocab), _MIN_KEY),
         lambda: jnp.zeros_like(t_k),
     )
     p_reached = ~use_p | (kept_mass_k >= target_p)
@@ -124,15 +132,16 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p):
         # Distance of -log q_i from the entropy H of the kept distribution q:
         # |-log q_i - H| = |z_i - center| with center = row_max + log Z - H.
         kept_mass = jnp.where(keys >= threshold[:, None], mass, 0.0)
-        z_kept = jnp.sum(kept_mass, axis=-1)
+        z_kept = vocab.sum(kept_mass)
         q = kept_mass / z_kept[:, None]
         log_q = jnp.where(q > 0, values - row_max[:, None] - jnp.log(z_kept)[:, None], 0.0)
-        entropy = -jnp.sum(q * log_q, axis=-1)
+        entropy = -vocab.sum(q * log_q)
         center = row_max + jnp.log(z_kept) - entropy
         t_typ = _largest_threshold(
             jnp.where(kept_mass > 0, _typical_key(values, center), _MIN_KEY),
             kept_mass,
             typical_p * z_kept,
+            vocab,
         )
         return center, jnp.where(typical_p < 1.0, t_typ, _MIN_KEY)
 
@@ -151,6 +160,7 @@ def truncate(
     typical_p: jax.Array,
     greedy: jax.Array,
     num_candidates: int = 128,
+    vocab_axis: str | None = None,
 ) -> jax.Array:
     """Applies top-k, top-p, min-p, typical-p (in that order) and greedy to `[B, V]` logits.
 
@@ -158,14 +168,20 @@ def truncate(
     Removed tokens become -inf. NaN logits count as -inf, +inf as the largest float; a row
     with no finite logit becomes all zeros (uniform; greedy picks token 0).
 
-    Returns: [B, V] float32.
+    `vocab_axis`: inside `shard_map`, the mesh axis the vocabulary is split over; `logits`
+    is then this device's `[B, V/n]` block, and only per-row scalars, the candidate sets
+    and small histograms cross devices.
+
+    Returns: [B, V] float32 (the local block when sharded).
     """
-    batch, vocab = logits.shape
+    shards = Vocab(vocab_axis)
+    local_vocab = logits.shape[-1]
+    vocab = shards.size(local_vocab)
     z = jnp.where(jnp.isnan(logits), -jnp.inf, logits.astype(jnp.float32))
     z = jnp.minimum(z, jnp.finfo(jnp.float32).max)
-    z = jnp.where(jnp.max(z, axis=-1, keepdims=True) == -jnp.inf, 0.0, z)  # empty rows
-    row_max = jnp.max(z, axis=-1)  # [B], finite
-    total_mass = jnp.sum(jnp.exp(z - row_max[:, None]), axis=-1)
+    z = jnp.where((shards.max(z) == -jnp.inf)[:, None], 0.0, z)  # empty rows
+    row_max = shards.max(z)  # [B], finite
+    total_mass = shards.sum(jnp.exp(z - row_max[:, None]))
 
     top_k = jnp.where((top_k > 0) & (top_k < vocab), top_k, 0).astype(jnp.int32)
     top_p = jnp.clip(jnp.nan_to_num(top_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
@@ -175,16 +191,18 @@ def truncate(
     params = (top_k, top_p, min_p_key, typical_p)
 
     num_candidates = min(num_candidates, vocab)
-    if num_candidates == vocab:
+    if num_candidates == vocab and not shards.sharded:
         rule, _ = _keep_rule(z, row_max, total_mass, *params)
     else:
-        candidates = lax.top_k(z, num_candidates)[0]  # [B, C], descending
+        candidates = lax.top_k(z, min(num_candidates, local_vocab))[0]  # [B, C], descending
+        if shards.sharded:  # the row's top C are among the devices' top Cs
+            candidates = lax.top_k(shards.gather(candidates), num_candidates)[0]
         rule, p_reached = _keep_rule(candidates, row_max, total_mass, *params)
         # == candidates[:, -1]; slicing the top_k output would stop XLA on CPU from using its
         # TopK kernel (it falls back to sorting the whole row).
         last = jnp.min(candidates, axis=-1)
         every_finite_inside = last == -jnp.inf  # the rest of the row is -inf: no mass
-        no_straddling_ties = jnp.sum(z >= last[:, None], axis=-1) == num_candidates
+        no_straddling_ties = shards.sum((z >= last[:, None]).astype(jnp.int32)) == num_candidates
         kept_inside = rule.threshold >= order_key(last)
         covered = p_reached & (
             every_finite_inside
@@ -193,10 +211,10 @@ def truncate(
         rule = lax.cond(
             jnp.all(covered),
             lambda: rule,
-            lambda: _keep_rule(z, row_max, total_mass, *params)[0],
+            lambda: _keep_rule(z, row_max, total_mass, *params, shards)[0],
         )
     keep = rule.keep(z)
-    iota = jnp.arange(vocab)
-    first_max = jnp.min(jnp.where(z == row_max[:, None], iota, vocab), axis=-1)  # [B]
-    keep = jnp.where(greedy[:, None], iota == first_max[:, None], keep)
+    token_ids = shards.token_ids(local_vocab)
+    first_max = shards.min(jnp.where(z == row_max[:, None], token_ids[None], vocab))  # [B]
+    keep = jnp.where(greedy[:, None], token_ids[None] == first_max[:, None], keep)
     return jnp.where(keep, z, -jnp.inf)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from rtdlm.sampling.config import SamplingConfig
 from rtdlm.sampling.filters import truncate
+from rtdlm.sampling.vocab import Vocab
 
 
 class SamplingState(NamedTuple):
@@ -39,19 +40,27 @@ def per_row(value, batch: int, dtype=None) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(value, dtype), (batch,))
 
 
-def token_counts(token_history: jax.Array, vocab_size: int) -> jax.Array:
-    """[B, H] token ids (-1 = padding, ignored) -> [B, V] int32 counts."""
+def token_counts(token_history: jax.Array, vocab_size: int, first_id=0) -> jax.Array:
+    """[B, H] token ids (-1 = padding, ignored) -> [B, V] int32 counts of ids
+    `first_id .. first_id + V - 1` (a vocabulary shard's block; 0: the whole vocabulary)."""
     batch = token_history.shape[0]
-    ids = jnp.where(token_history < 0, vocab_size, token_history)  # padding -> dropped
+    ids = _local_ids(token_history, vocab_size, first_id)
     rows = jnp.arange(batch)[:, None]
     return jnp.zeros((batch, vocab_size), jnp.int32).at[rows, ids].add(1, mode="drop")
 
 
-def _scatter_rows(logits, ids, update):
+def _local_ids(ids, vocab_size, first_id):
+    """Token ids -> indices into a vocabulary block; padding (< 0) and ids outside the block
+    map to `vocab_size`, which scatters with mode="drop" ignore."""
+    local = ids - first_id
+    return jnp.where((ids < 0) | (local < 0) | (local >= vocab_size), vocab_size, local)
+
+
+def _scatter_rows(logits, config, ids, update):
     """Applies `update(logits[b, ids[b, j]])` for ids [N] or [B, N]; ids < 0 are padding."""
     batch, vocab = logits.shape
     ids = jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (batch, jnp.shape(ids)[-1]))
-    ids = jnp.where(ids < 0, vocab, ids)
+    ids = _local_ids(ids, vocab, Vocab(config.vocab_axis).offset(vocab))
     return update(logits.at[jnp.arange(batch)[:, None], ids], ids)
 
 
@@ -62,7 +71,7 @@ def apply_logit_bias(logits, config: SamplingConfig, state: SamplingState = NO_H
     token_ids, biases = config.logit_bias
     biases = jnp.asarray(biases, logits.dtype)
     return _scatter_rows(
-        logits, token_ids, lambda at, ids: at.add(jnp.broadcast_to(biases, ids.shape), mode="drop")
+        logits, config, token_ids, lambda at, ids: at.add(jnp.broadcast_to(biases, ids.shape), mode="drop")
     )
 
 
@@ -70,7 +79,7 @@ def mask_banned_tokens(logits, config: SamplingConfig, state: SamplingState = NO
     """Sets `config.banned_token_ids` to -inf."""
     if config.banned_token_ids is None:
         return logits
-    return _scatter_rows(logits, config.banned_token_ids, lambda at, _: at.set(-jnp.inf, mode="drop"))
+    return _scatter_rows(logits, config, config.banned_token_ids, lambda at, _: at.set(-jnp.inf, mode="drop"))
 
 
 def mask_eos_before_min_new_tokens(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):
@@ -79,7 +88,7 @@ def mask_eos_before_min_new_tokens(logits, config: SamplingConfig, state: Sampli
     generated = state.num_generated if state.num_generated is not None else jnp.zeros(batch, jnp.int32)
     too_early = per_row(generated, batch) < per_row(config.min_new_tokens, batch)
     eos = per_row(config.eos_token_id, batch, jnp.int32)
-    is_eos = jnp.arange(vocab) == eos[:, None]  # eos -1 matches nothing
+    is_eos = Vocab(config.vocab_axis).token_ids(vocab)[None] == eos[:, None]  # eos -1 matches nothing
     return jnp.where(is_eos & too_early[:, None], -jnp.inf, logits)
 
 
@@ -122,7 +131,7 @@ def _truncation(logits, config, **params):
     batch = logits.shape[0]
     defaults = dict(top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, greedy=False)
     args = {name: per_row(params.get(name, default), batch) for name, default in defaults.items()}
-    return truncate(logits, num_candidates=config.num_candidates, **args)
+    return truncate(logits, num_candidates=config.num_candidates, vocab_axis=config.vocab_axis, **args)
 
 
 def apply_truncation(logits, config: SamplingConfig, state: SamplingState = NO_HISTORY):

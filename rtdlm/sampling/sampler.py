@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax import lax
 
 from rtdlm.sampling.config import SamplingConfig
 from rtdlm.sampling.processors import (
@@ -14,6 +15,7 @@ from rtdlm.sampling.processors import (
     SamplingState,
     token_counts,
 )
+from rtdlm.sampling.vocab import LOCAL, Vocab
 
 _DRAW_BLOCK = 256  # two-level inverse CDF: cumsum over blocks, then inside one block
 
@@ -68,11 +70,12 @@ def _check_config(config: SamplingConfig, batch: int, squeeze: bool) -> None:
         )
 
 
-def _state_from_history(token_history, vocab: int) -> SamplingState:
+def _state_from_history(token_history, vocab: int, config: SamplingConfig) -> SamplingState:
     if token_history is None:
         return SamplingState()
     num_generated = jnp.sum(token_history >= 0, axis=-1).astype(jnp.int32)
-    return SamplingState(token_counts(token_history, vocab), num_generated)
+    first_id = Vocab(config.vocab_axis).offset(vocab)
+    return SamplingState(token_counts(token_history, vocab, first_id), num_generated)
 
 
 def process_logits(
@@ -96,69 +99,102 @@ def process_logits(
     logits, token_history, squeeze = _as_batch(logits, token_history)
     _check_config(config, logits.shape[0], squeeze)
     if state is None:
-        state = _state_from_history(token_history, logits.shape[1])
+        state = _state_from_history(token_history, logits.shape[1], config)
     processed = processors(logits, config, state)
     return processed[0] if squeeze else processed
 
 
 def row_keys(key: jax.Array, config: SamplingConfig, batch: int) -> jax.Array:
-    """[B] keys. With `config.seed`, row b's key is `fold_in(key, seed[b])`, so a row's draw
-    does not depend on the other rows in the batch; otherwise `split(key, B)`."""
+    """[B] keys. With per-row seeds (`config.seed` of shape [B]), row b's key is
+    `fold_in(key, seed[b])`, so a row's draw does not depend on the other rows in the batch.
+    Otherwise `split(fold_in(key, seed), B)` (no seed: `split(key, B)`): rows differ."""
     if config.seed is None:
         return jax.random.split(key, batch)
-    seeds = jnp.broadcast_to(jnp.asarray(config.seed, jnp.uint32), (batch,))
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, seeds)
+    seed = jnp.asarray(config.seed, jnp.uint32)
+    if seed.ndim == 0:
+        return jax.random.split(jax.random.fold_in(key, seed), batch)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, seed)
 
 
-def draw(keys: jax.Array, weights: jax.Array) -> jax.Array:
+def draw(keys: jax.Array, weights: jax.Array, vocab: Vocab = LOCAL) -> jax.Array:
     """Inverse-CDF draw, one uniform per row: P(i) = weights[b, i] / sum(weights[b]).
 
     keys: [B]; weights: [B, V] >= 0 with a positive sum. Two levels (blocks, then inside one
     block) so no [B, V] cumulative sum is needed. Returns [B] int32, always a positive-weight
-    token, even when float rounding puts the uniform past the last one.
+    token, even when float rounding puts the uniform past the last one. With a sharded
+    vocabulary, the uniform first picks a device by its share of the mass, then a token
+    inside that device's block (only per-row sums cross devices).
     """
+    u = jax.vmap(jax.random.uniform)(keys)  # [B]
+    if not vocab.sharded:
+        return _inverse_cdf(u, weights)
+    local_vocab = weights.shape[-1]
+    shard_mass = vocab.gather(jnp.sum(weights, axis=-1, keepdims=True))  # [B, devices]
+    shard_end = jnp.cumsum(shard_mass, axis=-1)
+    u = u * shard_end[:, -1]
+    shard = _first_above(shard_end, u, shard_mass)  # [B]
+    before = jnp.take_along_axis(shard_end - shard_mass, shard[:, None], axis=1)[:, 0]
+    local_mass = jnp.take_along_axis(shard_mass, shard[:, None], axis=1)[:, 0]
+    token = _inverse_cdf((u - before) / local_mass, weights) + vocab.offset(local_vocab)
+    return vocab.combine_sum(jnp.where(shard == lax.axis_index(vocab.axis_name), token, 0))
+
+
+def _first_above(cumulative, target, mass):
+    """First index whose cumulative sum exceeds target, clamped to the last positive mass."""
+    index = jnp.sum(cumulative <= target[:, None], axis=-1)
+    last_positive = mass.shape[-1] - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(index, last_positive)
+
+
+def _inverse_cdf(u, weights):
+    """[B] uniforms in [0, 1) -> [B] tokens, two-level (see `draw`)."""
     batch, vocab = weights.shape
     blocks = -(-vocab // _DRAW_BLOCK)
     padded = jnp.pad(weights, ((0, 0), (0, blocks * _DRAW_BLOCK - vocab)))
     padded = padded.reshape(batch, blocks, _DRAW_BLOCK)
     block_mass = jnp.sum(padded, axis=-1)  # [B, blocks]
     block_end = jnp.cumsum(block_mass, axis=-1)
-    u = jax.vmap(jax.random.uniform)(keys) * block_end[:, -1]  # [B]
-
-    def first_above(cumulative, target, mass):
-        # first index whose cumulative sum exceeds target; clamp to the last positive one
-        index = jnp.sum(cumulative <= target[:, None], axis=-1)
-        last_positive = mass.shape[-1] - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)
-        return jnp.minimum(index, last_positive)
-
-    block = first_above(block_end, u, block_mass)  # [B]
+    u = u * block_end[:, -1]
+    block = _first_above(block_end, u, block_mass)  # [B]
     inside = jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0]  # [B, block]
     before = jnp.take_along_axis(block_end - block_mass, block[:, None], axis=1)[:, 0]
-    offset = first_above(jnp.cumsum(inside, axis=-1), u - before, inside)
+    offset = _first_above(jnp.cumsum(inside, axis=-1), u - before, inside)
     return (block * _DRAW_BLOCK + offset).astype(jnp.int32)
 
 
-def probabilities(processed: jax.Array) -> jax.Array:
+def probabilities(processed: jax.Array, vocab: Vocab = LOCAL) -> jax.Array:
     """Softmax of processed logits (-inf = removed; at least one finite per row)."""
-    weights = jnp.exp(processed - jnp.max(processed, axis=-1, keepdims=True))
-    return weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = jnp.exp(processed - vocab.max(processed)[:, None])
+    return weights / vocab.sum(weights)[:, None]
 
 
-def sample_processed(keys: jax.Array, processed: jax.Array, num_top_tokens: int = 10) -> SamplingResult:
-    """Draws from already processed `[B, V]` logits (-inf = removed) with `[B]` keys."""
-    row_max = jnp.max(processed, axis=-1, keepdims=True)
-    weights = jnp.exp(processed - row_max)  # [B, V]
-    token = draw(keys, weights)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    probabilities = weights / total
-    chosen = jnp.take_along_axis(processed, token[:, None], axis=-1)[:, 0]
-    logprob = chosen - row_max[:, 0] - jnp.log(total[:, 0])
-    top_probabilities, top_ids = jax.lax.top_k(probabilities, min(num_top_tokens, processed.shape[-1]))
+def sample_processed(
+    keys: jax.Array, processed: jax.Array, num_top_tokens: int = 10, vocab_axis: str | None = None
+) -> SamplingResult:
+    """Draws from already processed `[B, V]` logits (-inf = removed) with `[B]` keys.
+
+    With `vocab_axis` (inside `shard_map`), `processed` is this device's vocabulary block and
+    `all_probabilities` stays sharded like it; the other fields are whole-row results.
+    """
+    vocab = Vocab(vocab_axis)
+    local_vocab = processed.shape[-1]
+    row_max = vocab.max(processed)  # [B]
+    weights = jnp.exp(processed - row_max[:, None])  # [B, V]
+    token = draw(keys, weights, vocab)
+    total = vocab.sum(weights)
+    is_chosen = vocab.token_ids(local_vocab)[None] == token[:, None]
+    chosen = vocab.sum(jnp.where(is_chosen, processed - row_max[:, None], 0.0))  # its logit - max
+    all_probabilities = weights / total[:, None]
+    top_probabilities, top_ids = lax.top_k(all_probabilities, min(num_top_tokens, local_vocab))
+    if vocab.sharded:
+        top_ids = vocab.gather(top_ids + vocab.offset(local_vocab))
+        top_probabilities, best = lax.top_k(vocab.gather(top_probabilities), num_top_tokens)
+        top_ids = jnp.take_along_axis(top_ids, best, axis=-1)
     return SamplingResult(
         token_id=token,
-        probability=jnp.take_along_axis(probabilities, token[:, None], axis=-1)[:, 0],
-        logprob=logprob,
-        all_probabilities=probabilities,
+        probability=jnp.exp(chosen) / total,
+        logprob=chosen - jnp.log(total),
+        all_probabilities=all_probabilities,
         top_token_ids=top_ids.astype(jnp.int32),
         top_probabilities=top_probabilities,
     )
@@ -191,7 +227,8 @@ def sample(
     """
     logits, token_history, squeeze = _as_batch(logits, token_history)
     processed = process_logits(logits, config, token_history, state=state, processors=processors)
-    result = sample_processed(row_keys(key, config, logits.shape[0]), processed, config.num_top_tokens)
+    keys = row_keys(key, config, logits.shape[0])
+    result = sample_processed(keys, processed, config.num_top_tokens, config.vocab_axis)
     return jax.tree.map(lambda x: x[0], result) if squeeze else result
 
 
