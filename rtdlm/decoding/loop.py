@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
 from rtdlm.sampling import SamplingConfig, SamplingState, process_logits, row_keys, sample_processed
 from rtdlm.sampling.processors import token_counts
+from rtdlm.sharding import sharded_sample
 
 StreamCallback = Callable[[np.ndarray, np.ndarray], Any]  # (step, tokens [B]) on the host
 
@@ -82,16 +84,27 @@ def last_prompt_logits(logits, lengths):
     return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
-def sample_next(key, logits, config, counts, num_generated):
-    """One sampling step of the decode loop: [B, V] logits -> [B] tokens."""
-    processed = process_logits(logits, config, state=SamplingState(counts, num_generated))
+def sample_next(key, logits, config, counts, num_generated, mesh=None):
+    """One sampling step of the decode loop: [B, V] logits -> [B] tokens.
+
+    With a `mesh` (axes "model" and optionally "data"), the logits and counts stay split
+    over the vocabulary and the sampler runs where they lie (`rtdlm.sharding`).
+    """
+    state = SamplingState(counts, num_generated)
+    if mesh is not None:
+        batch_axis = "data" if "data" in mesh.axis_names else None
+        return sharded_sample(mesh, key, logits, config, state=state, batch_axis=batch_axis).token_id
+    processed = process_logits(logits, config, state=state)
     return sample_processed(row_keys(key, config, logits.shape[0]), processed).token_id
 
 
 def add_tokens(counts, tokens, active):
-    """counts[b, tokens[b]] += 1 for active rows. counts [B, V], tokens [B]."""
-    rows = jnp.arange(counts.shape[0])
-    return counts.at[rows, tokens].add(active.astype(counts.dtype))
+    """counts[b, tokens[b]] += 1 for active rows. counts [B, V], tokens [B].
+
+    An elementwise one-hot add rather than a scatter, so a vocabulary-sharded `counts`
+    is updated in place on every device."""
+    hit = (jnp.arange(counts.shape[-1])[None] == tokens[:, None]) & active[:, None]
+    return counts + hit.astype(counts.dtype)
 
 
 def generate(
@@ -106,6 +119,7 @@ def generate(
     pad_token_id: int = 0,
     stream: StreamCallback | None = None,
     stop_when_done: bool = False,
+    mesh: Mesh | None = None,
 ) -> GenerationOutput:
     """Autoregressive generation: one prefill pass, then a compiled loop over new tokens.
 
@@ -122,6 +136,9 @@ def generate(
         are produced (`jax.debug.callback`), e.g. to print text in a notebook.
       stop_when_done: run a `lax.while_loop` that stops once every row hit EOS, instead of
         the fixed-length `lax.scan`.
+      mesh: for a model whose logits are split over a "model" mesh axis (and the batch over
+        "data", if the mesh has it): sample without gathering the vocabulary. The tokens
+        equal those of the single-device run.
 
     Returns:
       `GenerationOutput(tokens [B, max_new_tokens], lengths [B])`.
@@ -145,12 +162,26 @@ def generate(
         cache_length=cache_length,
         stream=stream,
         stop_when_done=stop_when_done,
+        mesh=mesh,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_length", "stream", "stop_when_done"))
+@functools.partial(
+    jax.jit, static_argnames=("max_new_tokens", "cache_length", "stream", "stop_when_done", "mesh")
+)
 def _generate(
-    model, prompt, lengths, key, config, pad_token_id, *, max_new_tokens, cache_length, stream, stop_when_done
+    model,
+    prompt,
+    lengths,
+    key,
+    config,
+    pad_token_id,
+    *,
+    max_new_tokens,
+    cache_length,
+    stream,
+    stop_when_done,
+    mesh,
 ):
     batch, prompt_len = prompt.shape
     cache = model.init_cache(batch, cache_length)
@@ -173,7 +204,7 @@ def _generate(
 
     def step(state):
         t, cache, logits, counts, position, done, out = state
-        token = sample_next(jax.random.fold_in(key, t), logits, config, counts, jnp.full(batch, t))
+        token = sample_next(jax.random.fold_in(key, t), logits, config, counts, jnp.full(batch, t), mesh)
         token = jnp.where(done, pad_token_id, token)
         if stream is not None:
             jax.debug.callback(stream, t, token, ordered=True)

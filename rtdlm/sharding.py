@@ -1,0 +1,98 @@
+"""Sampling on meshes: the batch split over a data axis, the vocabulary over a model axis.
+
+Large vocabularies are sharded along V by a model's output projection. `sharded_sample`
+samples from such logits where they lie: each device processes its `[B/d, V/m]` block and
+only per-row scalars, the `num_candidates` largest logits of each row and small histograms
+cross devices (`shard_map` + `psum`/`pmax`/`all_gather` inside the sampler, see
+`rtdlm.sampling.vocab`). Row keys are derived for the whole batch before splitting it, so
+the tokens equal those of `rtdlm.sampling.sample` on one device with the same key.
+
+Example (8 devices: 2-way data parallel, 4-way vocabulary sharding):
+    >>> mesh = jax.make_mesh((2, 4), ("data", "model"))
+    >>> logits = jax.device_put(logits, NamedSharding(mesh, P("data", "model")))
+    >>> result = sharded_sample(mesh, jax.random.key(0), logits, config)
+    >>> result.all_probabilities.sharding  # stays sharded like the logits
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from rtdlm.sampling import (
+    SamplingConfig,
+    SamplingResult,
+    SamplingState,
+    process_logits,
+    row_keys,
+    sample_processed,
+)
+
+_PER_ROW_MATRICES = ("banned_token_ids", "logit_bias")  # per-row when [B, N], shared when [N]
+
+
+def config_partition_specs(config: SamplingConfig, batch_axis: str) -> SamplingConfig:
+    """A PartitionSpec per config leaf: per-row values split over `batch_axis`, others replicated."""
+
+    def spec(path, leaf):
+        per_row_ndim = 2 if path[0].name in _PER_ROW_MATRICES else 1
+        if jnp.ndim(leaf) != per_row_ndim:
+            return P()
+        return P(batch_axis, *([None] * (per_row_ndim - 1)))
+
+    return jax.tree_util.tree_map_with_path(spec, config)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "batch_axis", "vocab_axis"))
+def sharded_sample(
+    mesh: Mesh,
+    key: jax.Array,
+    logits: jax.Array,
+    config: SamplingConfig,
+    token_history: jax.Array | None = None,
+    *,
+    state: SamplingState | None = None,
+    batch_axis: str | None = "data",
+    vocab_axis: str = "model",
+) -> SamplingResult:
+    """`rtdlm.sampling.sample` for `[B, V]` logits sharded as `P(batch_axis, vocab_axis)`.
+
+    Args:
+      mesh: the device mesh; `batch_axis` may be None (batch replicated).
+      key, config, token_history: as for `sample` (`token_history` [B, H], -1 = padding).
+      state: instead of `token_history`, the decode loop's `SamplingState`; its
+        `token_counts` [B, V] is split like the logits.
+
+    Returns:
+      `SamplingResult`; `all_probabilities` is sharded like the logits, the rest is split
+      over `batch_axis` only. No `[B, V]` array is gathered.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"sharded_sample needs [B, V] logits, got shape {logits.shape}")
+    keys = row_keys(key, config, logits.shape[0])  # whole-batch keys: same draws as one device
+    config = config.replace(vocab_axis=vocab_axis)
+    rows, split = P(batch_axis), P(batch_axis, vocab_axis)  # split: like the logits
+    out_specs = SamplingResult(rows, rows, rows, split, P(batch_axis, None), P(batch_axis, None))
+    if state is None:
+        state = SamplingState()
+    state_specs = SamplingState(
+        None if state.token_counts is None else split,
+        None if state.num_generated is None else rows,
+    )
+    history_spec = None if token_history is None else P(batch_axis, None)
+    in_specs = (rows, split, config_partition_specs(config, batch_axis), history_spec, state_specs)
+
+    def local(keys, logits, config, token_history, state):
+        if state.token_counts is None and state.num_generated is None:
+            state = None
+        processed = process_logits(logits, config, token_history, state=state)
+        return sample_processed(keys, processed, config.num_top_tokens, vocab_axis)
+
+    # check_vma=False: cond branches mix device-varying and replicated values; every output
+    # that is unsplit over `vocab_axis` comes out of a psum/all_gather, so it is replicated.
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return sharded(keys, logits, config, token_history, state)
