@@ -35,14 +35,13 @@ def random_distributions(rng, shape, zero_fraction=0.0):
     return weights / weights.sum(-1, keepdims=True)
 
 
-@jax.jit
-def _categorical(key, q):
-    return jax.random.categorical(key, jnp.log(q), axis=-1).astype(jnp.int32)
-
-
 def draw_drafts(seed, q):
-    """drafts[b, j] ~ q[b, j] ([B, K, V]) -> [B, K] int32."""
-    return _categorical(jax.random.key(seed), f32(q))
+    """drafts[b, j] ~ q[b, j] ([B, K, V]) -> [B, K] int32, by inverse CDF in NumPy."""
+    q = np.asarray(q, np.float64)
+    cdf = np.cumsum(q, axis=-1)
+    u = np.random.default_rng(seed).random(q.shape[:-1]) * cdf[..., -1]
+    drafts = np.sum(cdf <= u[..., None], axis=-1)
+    return jnp.asarray(np.minimum(drafts, q.shape[-1] - 1), jnp.int32)
 
 
 def emitted(drafts, num_accepted, next_token):
