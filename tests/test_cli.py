@@ -1,0 +1,27 @@
+"""The command line on the bundled weights: `python -m rtdlm generate ...`."""
+
+import pytest
+
+from rtdlm.__main__ import main
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--preset", "balanced"],
+        ["--temperature", "0.7", "--top-k", "20", "--batch", "2"],
+        ["--speculative", "draft", "--num-speculative-tokens", "3"],
+        ["--speculative", "self", "--early-exit-layer", "2", "--preset", "deterministic"],
+    ],
+)
+def test_generate_prints_prompt_text_and_speed(capsys, extra):
+    assert main(["generate", "--prompt", "def fib(n):", "--max-new-tokens", "12", *extra]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def fib(n):")
+    assert "tokens/s" in out
+
+
+def test_generate_rejects_bad_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--max-new-tokens", "0"])
+    assert "max_new_tokens" in capsys.readouterr().err
