@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m rtdlm generate --prompt "def fib(n):" --preset balanced --max-new-tokens 200
+	$(PY) -m rtdlm generate --prompt 'def fib(n):\n    ' --preset balanced --max-new-tokens 200
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

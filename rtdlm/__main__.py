@@ -42,6 +42,7 @@ def _generate(args) -> int:
     from rtdlm.decoding import generate, self_speculative_generate, speculative_generate
     from rtdlm.models import EOS_ID, decode, encode, load_model
 
+    args.prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     config = _sampling_config(args)
     model = load_model(args.model)
     prompt = np.tile(encode(args.prompt)[None], (args.batch, 1))
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate text with the bundled byte-level model")
-    gen.add_argument("--prompt", default="def fib(n):")
+    gen.add_argument("--prompt", default="def fib(n):\\n    ", help=r"text to continue (\n, \t are escapes)")
     gen.add_argument("--preset", choices=["creative", "precise", "balanced", "deterministic"])
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-k", type=int)
