@@ -1,7 +1,7 @@
 """Command line: `python -m rtdlm {generate,train,bench}`.
 
-python -m rtdlm generate --prompt "def fib(n):" --preset balanced --max-new-tokens 200
-python -m rtdlm generate --prompt "import os" --speculative draft --num-speculative-tokens 4
+python -m rtdlm generate --prompt 'def fib(n):\n    ' --preset balanced --max-new-tokens 200
+python -m rtdlm generate --prompt 'import os\n' --speculative draft --num-speculative-tokens 4
 python -m rtdlm train --config configs/models/target.yaml
 python -m rtdlm bench sampler --quick
 """
