@@ -91,8 +91,11 @@ class KeepRule(NamedTuple):
 
     def keep(self, z: jax.Array) -> jax.Array:  # z: [B, N] -> [B, N] bool
         by_value = order_key(z) >= self.threshold[:, None]
-        by_typical = _typical_key(z, self.typical_center) >= self.typical_threshold[:, None]
-        return by_value & by_typical
+        return lax.cond(  # the typical band only costs a pass when some row uses it
+            jnp.any(self.typical_threshold > _MIN_KEY),
+            lambda: by_value & (_typical_key(z, self.typical_center) >= self.typical_threshold[:, None]),
+            lambda: by_value,
+        )
 
 
 def _typical_key(z, center):
@@ -202,7 +205,8 @@ def truncate(
         # TopK kernel (it falls back to sorting the whole row).
         last = jnp.min(candidates, axis=-1)
         every_finite_inside = last == -jnp.inf  # the rest of the row is -inf: no mass
-        no_straddling_ties = shards.sum((z >= last[:, None]).astype(jnp.int32)) == num_candidates
+        # (a float count: exact below 2**24 and cheaper than an integer sum on CPU)
+        no_straddling_ties = shards.sum((z >= last[:, None]).astype(jnp.float32)) == num_candidates
         kept_inside = rule.threshold >= order_key(last)
         covered = p_reached & (
             every_finite_inside
@@ -215,6 +219,10 @@ def truncate(
         )
     keep = rule.keep(z)
     token_ids = shards.token_ids(local_vocab)
-    first_max = shards.min(jnp.where(z == row_max[:, None], token_ids[None], vocab))  # [B]
-    keep = jnp.where(greedy[:, None], token_ids[None] == first_max[:, None], keep)
+
+    def greedy_rows():  # keep only the first maximum
+        first_max = shards.min(jnp.where(z == row_max[:, None], token_ids[None], vocab))  # [B]
+        return jnp.where(greedy[:, None], token_ids[None] == first_max[:, None], keep)
+
+    keep = lax.cond(jnp.any(greedy), greedy_rows, lambda: keep)
     return jnp.where(keep, z, -jnp.inf)
