@@ -227,6 +227,12 @@ def main(argv=None):
     )
     parser.add_argument("--quick", action="store_true", help="tiny random models, for a smoke test")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--exit-layers",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[1, 2, 3, 4],
+        help="--self: early-exit layers to try (the bundled target has 8 layers)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -240,7 +246,7 @@ def main(argv=None):
     else:
         target, draft = load_model("target"), load_model("draft")
         ks, batches, new_tokens, repeats = list(range(1, 9)), [1, 16], args.new_tokens, args.repeats
-        exits = list(range(1, target.num_layers))
+        exits = [e for e in args.exit_layers if 1 <= e < target.num_layers]
     name = "self-speculative" if args.self_spec else "speculative"
     suffix = f"{name}-{env['device_slug']}{'-quick' if args.quick else ''}"
     out = Path(args.out or f"benchmarks/results/{suffix}.json")
