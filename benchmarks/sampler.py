@@ -55,7 +55,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `rtdlm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax
+if __name__ == "__main__" and any(arg.startswith("--devices") for arg in sys.argv):
+    # Sharded sampler scaling; it must set XLA_FLAGS before JAX is imported.
+    from benchmarks.sharded_sampler import main as sharded_main
+
+    sys.exit(sharded_main(sys.argv[1:]))
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
