@@ -132,35 +132,46 @@ def test_verification_block_matches_steps(model):
 
 def test_early_exit_equals_staged_calls(model):
     tokens, positions = _tokens(2, 6, seed=8), _positions(2, 6)
-    for exit_layer in range(1, model.num_layers + 1):
-        cache = model.init_cache(2, 8)
-        early, early_cache = jax.jit(
-            lambda m, t, p, c, e=exit_layer: m(t, p, c, exit_layer=e)
-        )(model, tokens, positions, cache)
-        hidden, staged_cache = model.run_layers(model.embed(tokens), positions, cache, 0,
-                                                exit_layer)
-        np.testing.assert_allclose(early, model.logits(hidden), atol=1e-5)
+    cache = model.init_cache(2, 8)
+
+    @jax.jit
+    def every_exit(m, tokens, positions, cache):
+        results = []
+        for exit_layer in range(1, m.num_layers + 1):
+            early = m(tokens, positions, cache, exit_layer=exit_layer)
+            hidden, staged_cache = m.run_layers(m.embed(tokens), positions, cache, 0, exit_layer)
+            results.append((early, (m.logits(hidden), staged_cache)))
+        return results, m(tokens, positions, cache)
+
+    results, (full, full_cache) = every_exit(model, tokens, positions, cache)
+    for exit_layer, ((early, early_cache), (staged, staged_cache)) in enumerate(results, 1):
+        np.testing.assert_allclose(early, staged, atol=1e-5)
         for layer in range(model.num_layers):
             for a, b in zip(early_cache[layer], staged_cache[layer], strict=True):
                 np.testing.assert_allclose(a, b, atol=1e-6)
             if layer >= exit_layer:  # layers at or beyond the exit leave the cache alone
                 assert not np.any(np.asarray(early_cache[layer][0]))
-    full, _ = model(tokens, positions, None)
-    last, _ = model(tokens, positions, None, exit_layer=model.num_layers)
+    last, last_cache = results[-1][0]
     np.testing.assert_allclose(last, full, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(last_cache), jax.tree.leaves(full_cache), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
     # Early exit differs from the full model (the exit is not a no-op).
-    first, _ = model(tokens, positions, None, exit_layer=1)
-    assert not np.allclose(first, full)
+    assert not np.allclose(results[0][0][0], full)
 
 
 def test_staged_layers_continue_the_cache(model):
     """run_layers(0, E) then run_layers(E, L) == the full model, cache included."""
     tokens, positions = _tokens(1, 5, seed=9), _positions(1, 5)
     cache = model.init_cache(1, 8)
-    full, full_cache = model(tokens, positions, cache)
-    hidden, staged = model.run_layers(model.embed(tokens), positions, cache, 0, 2)
-    hidden, staged = model.run_layers(hidden, positions, staged, 2, model.num_layers)
-    np.testing.assert_allclose(model.logits(hidden), full, atol=1e-5)
+
+    @jax.jit
+    def staged_and_full(m, tokens, positions, cache):
+        hidden, staged = m.run_layers(m.embed(tokens), positions, cache, 0, 2)
+        hidden, staged = m.run_layers(hidden, positions, staged, 2, m.num_layers)
+        return (m.logits(hidden), staged), m(tokens, positions, cache)
+
+    (logits, staged), (full, full_cache) = staged_and_full(model, tokens, positions, cache)
+    np.testing.assert_allclose(logits, full, atol=1e-5)
     for a, b in zip(jax.tree.leaves(staged), jax.tree.leaves(full_cache), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -233,10 +244,31 @@ def test_bundled_weights_load_and_predict_python(name):
     assert model.vocab_size == 256
     prompt = "import os\nimport sys\n\n\ndef main():\n    "
     tokens = jnp.asarray(data_lib.encode(prompt))[None]
-    logits, _ = model(tokens, _positions(1, tokens.shape[1]), model.init_cache(1, 64))
+    logits, _ = _call(model, tokens, _positions(1, tokens.shape[1]), model.init_cache(1, 64))
     log_probs = jax.nn.log_softmax(logits[0, :-1], axis=-1)
     ce = -np.mean(np.take_along_axis(np.asarray(log_probs), np.asarray(tokens[0, 1:, None]), 1))
     # A trained byte model is far better than uniform (ln 256 = 5.5 nats) on code.
     assert ce < 3.0
     # The bundled file loads with float32 parameters.
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_sliding_window_limits_the_receptive_field():
+    """With window W each layer looks back W-1 positions, so after L layers the logits at
+    position p depend only on tokens p - L(W-1) .. p (and not on the absolute position,
+    RoPE being relative)."""
+    window = 3
+    model = _randomize_head(create_model(dict(SMALL, attention_window=window), nnx.Rngs(0)))
+    reach = model.num_layers * (window - 1) + 1  # 7 tokens
+    tokens = _tokens(1, 12, seed=10)
+    cache = model.init_cache(1, 16)
+    full, _ = _call(model, tokens, _positions(1, 12), cache)
+    for p in (6, 9, 11):
+        crop = tokens[:, p - reach + 1: p + 1]
+        local, _ = _call(model, crop, _positions(1, reach, offset=2), model.init_cache(1, 16))
+        np.testing.assert_allclose(full[:, p], local[:, -1], atol=1e-4)
+    # Without a window, the earliest token still matters.
+    unwindowed = _randomize_head(create_model(dict(SMALL, attention_window=None), nnx.Rngs(0)))
+    full_all, _ = _call(unwindowed, tokens, _positions(1, 12), cache)
+    crop_all, _ = _call(unwindowed, tokens[:, 1:], _positions(1, 11), cache)
+    assert not np.allclose(full_all[:, 11], crop_all[:, -1], atol=1e-4)

@@ -54,19 +54,36 @@ def test_exit_losses_match_model_exits():
     kernel[...] = jax.random.normal(jax.random.key(0), kernel[...].shape)
     inputs = jax.random.randint(jax.random.key(1), (2, 8), 0, 256, dtype=jnp.int32)
     targets = jnp.roll(inputs, -1, axis=1)
-    losses = train_lib.exit_losses(model, inputs, targets, (1, 2))
     positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    for i, layer in enumerate((1, 2)):
-        logits, _ = model(inputs, positions, None, exit_layer=layer)
-        expected = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-        np.testing.assert_allclose(losses[i], expected, rtol=1e-5)
+
+    @jax.jit
+    def losses_and_reference(model, inputs, targets):
+        losses = train_lib.exit_losses(model, inputs, targets, (1, 2))
+        reference = [
+            optax.softmax_cross_entropy_with_integer_labels(
+                model(inputs, positions, None, exit_layer=layer)[0], targets
+            ).mean()
+            for layer in (1, 2)
+        ]
+        return losses, jnp.stack(reference)
+
+    losses, reference = losses_and_reference(model, inputs, targets)
+    np.testing.assert_allclose(losses, reference, rtol=1e-5)
 
 
-def test_tiny_training_run(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, corpus):
+    """One 20-step run of the tiny config (with a float16 export), shared by the tests."""
+    out = tmp_path_factory.mktemp("tiny_run")
     result = train_lib.train(
-        TINY_YAML, output_dir=str(tmp_path), steps=20, progress=False, corpus=corpus,
-        export=str(tmp_path / "tiny16.msgpack"),
+        TINY_YAML, output_dir=str(out), steps=20, progress=False, corpus=corpus,
+        export=str(out / "tiny16.msgpack"),
     )
+    return out, result
+
+
+def test_tiny_training_run(tiny_run):
+    out, result = tiny_run
     history = result.log["history"]
     losses = [h["loss"] for h in history]
     assert all(np.isfinite(losses))
@@ -74,41 +91,46 @@ def test_tiny_training_run(tmp_path, corpus):
     final = result.log["final"]
     assert set(final["val_bpb_per_exit"]) == {1, 2}
     assert 0 < final["val_bpb"] < 8.5
+    # The eval step sampled text with rtdlm.decoding.generate.
+    assert all(e["sample"].startswith("def ") for e in result.log["evals"])
 
     # Outputs: log, plot, checkpoint, final model, float16 export.
     for name in ("log.json", "loss.png", "checkpoint.msgpack", "model.msgpack"):
-        assert (tmp_path / name).exists(), name
-    with open(tmp_path / "log.json") as f:
+        assert (out / name).exists(), name
+    with open(out / "log.json") as f:
         assert json.load(f)["name"] == "tiny"
 
-    # The final model and the checkpoint round-trip exactly; the export approximately.
+
+def test_checkpoint_and_exports_round_trip(tiny_run):
+    out, result = tiny_run
     tokens = jnp.asarray(data_lib.encode("def main():\n"))[None]
     positions = jnp.arange(tokens.shape[1])[None]
-    expected, _ = result.model(tokens, positions, None)
-    reloaded = load_model(str(tmp_path / "model.msgpack"))
-    np.testing.assert_array_equal(reloaded(tokens, positions, None)[0], expected)
+    forward = jax.jit(lambda m: m(tokens, positions, None)[0])
+    expected = forward(result.model)
+    np.testing.assert_array_equal(forward(load_model(str(out / "model.msgpack"))), expected)
     _, params = nnx.split(result.model, nnx.Param)
     tx, _ = train_lib.make_optimizer(train_lib.TrainConfig.from_dict({"steps": 20}), params)
     model, opt_state, step = train_lib.load_checkpoint(
-        str(tmp_path / "checkpoint.msgpack"), tx.init(params)
+        str(out / "checkpoint.msgpack"), tx.init(params)
     )
     assert step == 20
-    np.testing.assert_array_equal(model(tokens, positions, None)[0], expected)
+    np.testing.assert_array_equal(forward(model), expected)
     assert jax.tree.structure(opt_state) == jax.tree.structure(tx.init(params))
-    exported = load_model(str(tmp_path / "tiny16.msgpack"))
-    np.testing.assert_allclose(exported(tokens, positions, None)[0], expected, atol=0.05)
-
-    # Resuming at the final step only re-evaluates (no more steps to take).
-    resumed = train_lib.train(TINY_YAML, output_dir=str(tmp_path), steps=20, resume=True,
-                              progress=False, corpus=corpus, export="")
-    np.testing.assert_array_equal(resumed.model(tokens, positions, None)[0], expected)
+    exported = load_model(str(out / "tiny16.msgpack"))
+    np.testing.assert_allclose(forward(exported), expected, atol=0.05)
 
 
-def test_train_main_cli(tmp_path, capsys):
+def test_train_main_cli_resumes(tiny_run, capsys):
+    """The CLI resumes the finished tiny run: no steps left, so it only re-evaluates."""
+    out, result = tiny_run
     code = train_lib.train_main([
-        "--config", TINY_YAML, "--output-dir", str(tmp_path), "--steps", "3", "--no-progress",
-        "--export", "",
+        "--config", TINY_YAML, "--output-dir", str(out), "--steps", "20", "--resume",
+        "--no-progress", "--export", "",
     ])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["name"] == "tiny" and np.isfinite(summary["val_bpb"])
+    assert summary["name"] == "tiny"
+    assert summary["val_bpb"] == pytest.approx(result.log["final"]["val_bpb"], rel=1e-5)
+    with open(out / "log.json") as f:
+        log = json.load(f)
+    assert log["history"][-1]["step"] == 20  # the earlier history was kept

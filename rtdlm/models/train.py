@@ -104,7 +104,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_max_new_tokens: int = 200
     sample_preset: str = "balanced"
-    sample_temperature: float | None = 0.7
+    sample_temperature: float | None = None
     seed: int = 0
     validation_fraction: float = 0.05
 
@@ -264,22 +264,20 @@ def sample_text(
     max_new_tokens: int = 200,
     preset: str = "balanced",
     temperature: float | None = None,
-) -> str | None:
+) -> str:
     """Generates a continuation with `rtdlm.decoding.generate` (one compiled program).
 
-    Returns the prompt + continuation as text, or None (with a note on stderr)
-    if the decoding package is not available.
+    Returns the prompt + continuation as text.
     """
-    try:
-        from rtdlm import sampling
-        from rtdlm.decoding import generate
-    except ImportError as err:  # decoding / sampling not importable: skip the sample
-        print(f"[train] sample skipped: rtdlm.decoding.generate unavailable ({err})",
-              file=sys.stderr)
-        return None
-    config = getattr(sampling, f"create_sampling_config_{preset}")()
+    # Imported here: the decoding package imports the model package, not the other way.
+    from rtdlm import sampling
+    from rtdlm.decoding import generate
+
+    if preset not in sampling.PRESETS:
+        raise ValueError(f"unknown sampling preset {preset!r}; choose from {sorted(sampling.PRESETS)}")
+    config = sampling.PRESETS[preset]()
     if temperature is not None:
-        config = dataclasses.replace(config, temperature=temperature)
+        config = config.replace(temperature=temperature)
     prompt_tokens = jnp.asarray(data_lib.encode(prompt))[None, :]  # [1, P]
     out = generate(
         model,
@@ -350,6 +348,9 @@ def train(
     os.makedirs(output_dir, exist_ok=True)
     console = Console(stderr=True)
 
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False)
+
     corpus = corpus or data_lib.load_stdlib_corpus(validation_fraction=tc.validation_fraction)
     model = create_model(model_config, nnx.Rngs(tc.seed))
     num_layers = model.num_layers
@@ -362,9 +363,9 @@ def train(
     if resume and os.path.exists(checkpoint_path):
         model, opt_state, start_step = load_checkpoint(checkpoint_path, opt_state)
         graphdef, params = nnx.split(model, nnx.Param)
-        console.print(f"[train] resumed from {checkpoint_path} at step {start_step}")
+        say(f"[train] resumed from {checkpoint_path} at step {start_step}")
 
-    console.print(
+    say(
         f"[train] {name}: {param_count(model):,} parameters, {num_layers} layers, exits "
         f"{list(exits)} (weight {tc.exit_loss_weight}); corpus {corpus.summary()}"
     )
@@ -400,6 +401,15 @@ def train(
         "history": [],
         "evals": [],
     }
+    log_path = os.path.join(output_dir, "log.json")
+    if start_step and os.path.exists(log_path):  # resumed: keep the earlier history
+        with open(log_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        log["history"] = [h for h in previous.get("history", []) if h["step"] <= start_step]
+        log["evals"] = [
+            dict(e, val_bpb_per_exit={int(k): v for k, v in e["val_bpb_per_exit"].items()})
+            for e in previous.get("evals", []) if e["step"] <= start_step
+        ]
 
     def run_eval(step: int, num_batches: int) -> dict:
         current = nnx.merge(graphdef, params)
@@ -412,9 +422,9 @@ def train(
                 temperature=tc.sample_temperature,
             )
         exits_text = " ".join(f"L{k}={v:.3f}" for k, v in bpb.items())
-        console.print(f"[train] step {step}: val bpb {bpb[num_layers]:.4f} (exits {exits_text})")
+        say(f"[train] step {step}: val bpb {bpb[num_layers]:.4f} (exits {exits_text})")
         if entry.get("sample") is not None:
-            console.print("[train] sample:\n" + entry["sample"], markup=False, highlight=False)
+            say("[train] sample:\n" + entry["sample"])
         log["evals"].append(entry)
         return entry
 
@@ -447,8 +457,8 @@ def train(
                     "elapsed_s": time.time() - start_time,
                 })
                 bar.update(task, loss=f"{loss:.3f}", rate=f"{rate:.2f}")
-                if not progress:
-                    console.print(f"[train] step {step} loss {loss:.4f} "
+                if not progress or not console.is_terminal:  # e.g. output to a log file
+                    say(f"[train] step {step} loss {loss:.4f} "
                                   f"bpb {final_ce / LN2:.3f} {rate:.2f} step/s")
             bar.update(task, completed=step)
             if step % tc.eval_every == 0 and step != tc.steps:
@@ -481,10 +491,10 @@ def train(
         log["final"]["export_val_bpb_per_exit"] = evaluate(
             exported, eval_fn, val_batches[: tc.final_eval_batches]
         )
-        console.print(f"[train] exported float16 weights to {export}: val bpb "
+        say(f"[train] exported float16 weights to {export}: val bpb "
                       f"{log['final']['export_val_bpb_per_exit'][num_layers]:.4f}")
     _write_outputs(output_dir, log)
-    console.print(f"[train] done in {train_time:.0f} s; outputs in {output_dir}")
+    say(f"[train] done in {train_time:.0f} s; outputs in {output_dir}")
     return TrainResult(model=model, log=log)
 
 

@@ -16,9 +16,16 @@ after the first E blocks (LayerSkip-style early exit).
 KV cache: a tuple over layers of `(keys, values)`, each `[B, S, H, Dh]`. A call
 writes row b's token t into slot `positions[b, t]` (a scatter, so rows may sit
 at different positions) and a query at position p attends to slots `<= p`
-only. Slots beyond a row's position are ignored and later overwritten, so
-rolling back rejected speculative tokens is just passing smaller positions on
-the next call. Writes at positions `>= S` are dropped.
+only (and, with a sliding `attention_window` W, to slots `> p - W`). Slots
+beyond a row's position are ignored and later overwritten, so rolling back
+rejected speculative tokens is just passing smaller positions on the next
+call. Writes at positions `>= S` are dropped, so the cache must have at least
+as many slots as the largest position + 1.
+
+Positions: rotary embeddings are relative and the attention window equals the
+training sequence length, so there is no hard positional limit
+(`max_length` is None): a query at any position sees the last W tokens, as in
+training. The cache size is the caller's choice.
 
 Vocabulary: the 256 byte values (see `rtdlm.models.data`); byte 0 (NUL, which
 never occurs in Python source) separates documents and serves as BOS/EOS.
@@ -61,8 +68,14 @@ class TransformerConfig:
       mlp_dim: hidden width of the MLP (per branch for SwiGLU).
       mlp_type: "swiglu" or "gelu".
       tie_embeddings: if True the head is the transposed embedding matrix.
-      max_length: the context length the model was trained for (RoPE has no
-        hard limit, but quality degrades beyond the trained length).
+      attention_window: a query at position p attends to positions
+        p - attention_window + 1 .. p (a sliding window; None: all earlier
+        positions). Set to the training sequence length, it makes every query
+        at inference see the same relative distances it saw in training, so
+        generation may run past the trained length.
+      max_length: the largest number of positions supported, or None for no
+        limit (rotary embeddings + a sliding window have none; the caller
+        picks the cache size).
       rope_base: base of the rotary frequencies.
       norm_eps: epsilon of every RMSNorm.
       dtype: parameter, activation and cache dtype ("float32" by default).
@@ -75,7 +88,8 @@ class TransformerConfig:
     mlp_dim: int = 704
     mlp_type: str = "swiglu"
     tie_embeddings: bool = False
-    max_length: int = 256
+    attention_window: int | None = 256
+    max_length: int | None = None
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     dtype: str = "float32"
@@ -91,8 +105,12 @@ class TransformerConfig:
             raise ValueError(f"mlp_type must be 'swiglu' or 'gelu', got {self.mlp_type!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_length"):
-            if int(getattr(self, name)) < 1:
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim",
+                     "attention_window", "max_length"):
+            value = getattr(self, name)
+            if value is None and name in ("attention_window", "max_length"):
+                continue
+            if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
@@ -140,6 +158,7 @@ class Attention(nnx.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.rope_base = config.rope_base
+        self.window = config.attention_window
         # One fused projection for q, k, v: fewer, larger matmuls.
         self.qkv = nnx.Linear(d, 3 * d, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
         # Output projection scaled down so the residual stream starts small.
@@ -172,8 +191,12 @@ class Attention(nnx.Module):
             keys, values = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
             key_positions = jnp.broadcast_to(jnp.arange(num_slots), (batch, num_slots))  # [B, S]
 
-        # A query at position p sees keys at positions <= p (slot index for the cache).
-        mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
+        # A query at position p sees keys at positions <= p (slot index for the cache),
+        # and, with a window W, only those > p - W.
+        offsets = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
+        mask = offsets >= 0
+        if self.window is not None:
+            mask &= offsets < self.window
         scores = jnp.einsum("bthd,bshd->bhts", q, keys).astype(jnp.float32)  # [B, H, T, S]
         scores = scores / math.sqrt(self.head_dim)
         scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
@@ -449,10 +472,13 @@ def model_from_bytes(data: bytes) -> tuple[Transformer, dict]:
 
 def save_model(model: Transformer, path: str | os.PathLike, dtype: str | None = "float16",
                metadata=None) -> None:
-    """Writes `model_to_bytes(model, dtype, metadata)` to `path`."""
+    """Writes `model_to_bytes(model, dtype, metadata)` to `path` (atomically)."""
     data = model_to_bytes(model, dtype=dtype, metadata=metadata)
-    with open(path, "wb") as f:
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:  # write then rename: readers never see a partial file
         f.write(data)
+    os.replace(tmp, path)
 
 
 def bundled_models() -> list[str]:
