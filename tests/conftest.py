@@ -1,0 +1,65 @@
+"""Shared test setup: strict rank promotion, warnings as errors, a hypothesis profile, fixtures.
+
+Like equinox's test suite, the sampling-core tests run with implicit rank promotion raising
+(`jax.numpy_rank_promotion("raise")`): broadcasting a `[V]` array against `[B, 1]` must be
+spelled out. It is scoped to those modules, not global: `rtdlm.decoding` (the guide's
+speculative section, `loop.prompt_history`) still relies on implicit rank promotion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Modules whose tests run under strict rank promotion (module names, without .py).
+STRICT_RANK_PROMOTION = {
+    "test_sampling_config",
+    "test_processors",
+    "test_filters",
+    "test_sampler",
+    "test_sampling_stats",
+}
+
+# Compiling a JAX function takes seconds on these CPUs: no per-example deadline. Examples
+# are derandomised so a CI run is reproducible; `--hypothesis-seed` still works locally.
+settings.register_profile("rtdlm", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("rtdlm")
+
+
+def pytest_configure(config):
+    # pyproject.toml already says so; repeat it so running from another rootdir keeps it.
+    config.addinivalue_line("filterwarnings", "error")
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _strict_rank_promotion(request):
+    """`jax.numpy_rank_promotion("raise")` around every test of the listed modules."""
+    if request.module.__name__.rpartition(".")[2] in STRICT_RANK_PROMOTION:
+        with jax.numpy_rank_promotion("raise"):
+            yield
+    else:
+        yield
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A NumPy generator with a fixed seed (each test gets a fresh one)."""
+    return np.random.default_rng(20261127)
+
+
+@pytest.fixture
+def key() -> jax.Array:
+    """A fixed typed PRNG key."""
+    return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
