@@ -75,7 +75,7 @@ def with_eos(config: SamplingConfig, eos_token_id) -> SamplingConfig:
 
 def prompt_history(prompt, lengths, vocab_size):
     """[B, V] counts of each row's prompt tokens (padding beyond `lengths` ignored)."""
-    in_prompt = jnp.arange(prompt.shape[1]) < lengths[:, None]
+    in_prompt = jnp.arange(prompt.shape[1])[None] < lengths[:, None]
     return token_counts(jnp.where(in_prompt, prompt, -1), vocab_size)
 
 

@@ -211,7 +211,7 @@ def speculative_loop(
         drafts, q = drafts.T, jnp.swapaxes(q, 0, 1)  # [B, K], [B, K, V]
 
         verify_tokens = jnp.concatenate([last[:, None], drafts], axis=1)  # [B, K+1]
-        verify_positions = position[:, None] + jnp.arange(k + 1)
+        verify_positions = position[:, None] + jnp.arange(k + 1)[None]
         logits, caches = drafting.verify(models, caches, verify_tokens, verify_positions, saved)
         # p_j sees the history plus drafts before j: the draft steps' counts, then all K.
         history = jnp.concatenate([draft_counts, counts_all[None]], axis=0)  # [K+1, B, V]
@@ -219,7 +219,7 @@ def speculative_loop(
         processed = process_logits(
             logits.reshape(batch * (k + 1), -1).astype(jnp.float32),
             config.repeat_rows(k + 1),
-            state=SamplingState(history, (emitted[:, None] + jnp.arange(k + 1)).reshape(-1)),
+            state=SamplingState(history, (emitted[:, None] + jnp.arange(k + 1)[None]).reshape(-1)),
         )
         p = probabilities(processed).reshape(batch, k + 1, -1)
         num_accepted, next_token = verify_drafts(
@@ -227,7 +227,7 @@ def speculative_loop(
         )
 
         # Emit drafts[:a] then next_token, cut after an EOS and at max_new_tokens.
-        slot = jnp.arange(k + 1)
+        slot = jnp.arange(k + 1)[None]  # [1, K+1]
         new = jnp.where(slot < num_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])
         new = jnp.where(slot <= num_accepted[:, None], new, pad_token_id)
         is_eos = (new == eos[:, None]) & (slot <= num_accepted[:, None])
