@@ -1,9 +1,8 @@
 """Shared test setup: strict rank promotion, warnings as errors, a hypothesis profile, fixtures.
 
-Like equinox's test suite, the sampling-core tests run with implicit rank promotion raising
-(`jax.numpy_rank_promotion("raise")`): broadcasting a `[V]` array against `[B, 1]` must be
-spelled out. It is scoped to those modules, not global: `rtdlm.decoding` (the guide's
-speculative section, `loop.prompt_history`) still relies on implicit rank promotion.
+Like equinox's test suite, every test runs with implicit rank promotion raising
+(`jax_numpy_rank_promotion="raise"`): broadcasting a `[V]` array against `[B, 1]` must be
+spelled out.
 """
 
 from __future__ import annotations
@@ -17,14 +16,7 @@ from hypothesis import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Modules whose tests run under strict rank promotion (module names, without .py).
-STRICT_RANK_PROMOTION = {
-    "test_sampling_config",
-    "test_processors",
-    "test_filters",
-    "test_sampler",
-    "test_sampling_stats",
-}
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Compiling a JAX function takes seconds on these CPUs: no per-example deadline. Examples
 # are derandomised so a CI run is reproducible; `--hypothesis-seed` still works locally.
@@ -36,16 +28,6 @@ def pytest_configure(config):
     # pyproject.toml already says so; repeat it so running from another rootdir keeps it.
     config.addinivalue_line("filterwarnings", "error")
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _strict_rank_promotion(request):
-    """`jax.numpy_rank_promotion("raise")` around every test of the listed modules."""
-    if request.module.__name__.rpartition(".")[2] in STRICT_RANK_PROMOTION:
-        with jax.numpy_rank_promotion("raise"):
-            yield
-    else:
-        yield
 
 
 @pytest.fixture
