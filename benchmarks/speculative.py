@@ -1,11 +1,15 @@
 """Speculative decoding benchmark: acceptance, cost ratio, measured vs ideal speedup.
 
 For each K (drafts per round), batch size and sampling mode it reports:
-  alpha     acceptance rate, accepted / drafted draft tokens
-  tokens_per_target_call   new tokens / target forward passes (rounds + the prefill)
+  acceptance_fraction   accepted / drafted draft tokens
+  tokens_per_round      1 + accepted per round (each round emits its accepted drafts + 1)
+  alpha     per-token acceptance rate of the i.i.d. model that yields the measured tokens
+            per round: (1 - alpha^(K+1)) / (1 - alpha) = tokens_per_round. (The acceptance
+            fraction underestimates it: drafts after a rejection are never tried.)
   c         draft step cost / target step cost, from plain `generate` on each drafter alone
   speedup   tokens/s of speculative decoding / tokens/s of `generate` (same model, config)
-  ideal     (1 - alpha^(K+1)) / ((1 - alpha) (K c + 1))   (Leviathan et al. 2023)
+  ideal     (1 - alpha^(K+1)) / ((1 - alpha) (K c + 1)) = tokens_per_round / (K c + 1)
+            (Leviathan et al. 2023); fraction_of_ideal = speedup / ideal
 Programs are compiled before timing and timed interleaved in one process.
 
   python benchmarks/speculative.py            # bundled target + 1-layer draft model
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -48,9 +53,26 @@ def prompt_batch(batch: int):
     return jnp.asarray(tokens), jnp.asarray([len(e) for e in encoded], jnp.int32)
 
 
-def ideal_speedup(alpha: float, k: int, c: float) -> float:
-    tokens_per_round = (k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return tokens_per_round / (k * c + 1)
+def iid_alpha(tokens_per_round: float, k: int) -> float:
+    """The alpha with (1 - alpha^(K+1)) / (1 - alpha) = tokens_per_round (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(mid**i for i in range(k + 1)) < tokens_per_round:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def add_derived(row: dict) -> dict:
+    """Acceptance statistics, the ideal speedup and the fraction of it reached."""
+    k = row["K"]
+    row["tokens_per_round"] = 1 + row["acceptance_fraction"] * k
+    row["alpha"] = iid_alpha(row["tokens_per_round"], k)
+    row["ideal_speedup"] = row["tokens_per_round"] / (k * row["c"] + 1)
+    row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
+    return row
 
 
 def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats):
@@ -69,27 +91,23 @@ def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats):
     for k, program in runs_spec.items():
         out = program()
         drafted, accepted = int(np.sum(out.num_drafted)), int(np.sum(out.num_accepted))
-        alpha = accepted / max(drafted, 1)
         rounds = drafted / (k * batch)  # per row, rows run in lockstep
         spec = float(np.median(seconds[f"K={k}"]))
-        rows.append(
-            {
-                "K": k,
-                "batch": batch,
-                "alpha": alpha,
-                "c": c,
-                "tokens_per_target_call": float(np.mean(np.asarray(out.lengths))) / (rounds + 1),
-                "speedup": plain / spec,
-                "ideal_speedup": ideal_speedup(alpha, k, c),
-                "tokens_per_s": batch * new_tokens / spec,
-                "generate_tokens_per_s": batch * new_tokens / plain,
-                "timing": summarize(seconds[f"K={k}"], new_tokens),
-            }
-        )
-        rows[-1]["fraction_of_ideal"] = rows[-1]["speedup"] / rows[-1]["ideal_speedup"]
+        row = {
+            "K": k,
+            "batch": batch,
+            "acceptance_fraction": accepted / max(drafted, 1),
+            "c": c,
+            "tokens_per_target_call": float(np.mean(np.asarray(out.lengths))) / (rounds + 1),
+            "speedup": plain / spec,
+            "tokens_per_s": batch * new_tokens / spec,
+            "generate_tokens_per_s": batch * new_tokens / plain,
+            "timing": summarize(seconds[f"K={k}"], new_tokens),
+        }
+        rows.append(add_derived(row))
         print(
-            f"  K={k} B={batch}: alpha {alpha:.2f}, c {c:.2f}, speedup {rows[-1]['speedup']:.2f}x "
-            f"(ideal {rows[-1]['ideal_speedup']:.2f}x, {rows[-1]['fraction_of_ideal']:.0%})",
+            f"  K={k} B={batch}: alpha {row['alpha']:.2f}, c {c:.2f}, speedup {row['speedup']:.2f}x "
+            f"(ideal {row['ideal_speedup']:.2f}x, {row['fraction_of_ideal']:.0%})",
             flush=True,
         )
     return rows
@@ -227,6 +245,7 @@ def main(argv=None):
     )
     parser.add_argument("--quick", action="store_true", help="tiny random models, for a smoke test")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=[1, 16])
     parser.add_argument(
         "--exit-layers",
         type=lambda t: [int(x) for x in t.split(",")],
@@ -235,7 +254,10 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--recompute", type=Path, help="re-derive alpha/ideal in a result JSON, replot")
     args = parser.parse_args(argv)
+    if args.recompute:
+        return recompute(args.recompute)
 
     env = environment()
     start = time.perf_counter()
@@ -245,7 +267,7 @@ def main(argv=None):
         ks, batches, exits, new_tokens, repeats = [1, 2], [1, 2], [1], 8, 1
     else:
         target, draft = load_model("target"), load_model("draft")
-        ks, batches, new_tokens, repeats = list(range(1, 9)), [1, 16], args.new_tokens, args.repeats
+        ks, batches, new_tokens, repeats = list(range(1, 9)), args.batches, args.new_tokens, args.repeats
         exits = [e for e in args.exit_layers if 1 <= e < target.num_layers]
     name = "self-speculative" if args.self_spec else "speculative"
     suffix = f"{name}-{env['device_slug']}{'-quick' if args.quick else ''}"
@@ -278,6 +300,33 @@ def main(argv=None):
     payload["seconds_total"] = time.perf_counter() - start
     write_json(out, payload)
     print(f"wrote {out} and {out.with_suffix('.png')} ({payload['seconds_total']:.0f} s)")
+
+
+def recompute(path: Path):
+    """Re-derives the statistics of an existing result file (e.g. after a formula fix)."""
+    payload = json.loads(path.read_text())
+    for row in payload["rows"]:
+        row.setdefault("acceptance_fraction", row.get("alpha"))
+        add_derived(row)
+    self_spec = "layer_sharing" in payload
+    if self_spec:
+        payload["best"] = max(payload["rows"], key=lambda r: r["speedup"])
+        plot(
+            [r for r in payload["rows"] if r["mode"] == "greedy"],
+            path.with_suffix(".png"),
+            "self-speculative (early exit), B=1, greedy - cpu",
+            ["exit_layer"],
+        )
+    else:
+        payload["best_b1"] = max((r for r in payload["rows"] if r["batch"] == 1), key=lambda r: r["speedup"])
+        plot(
+            payload["rows"],
+            path.with_suffix(".png"),
+            "speculative decoding, bundled draft - cpu",
+            ["mode", "batch"],
+        )
+    write_json(path, payload)
+    print(f"rewrote {path}")
 
 
 def _tiny():

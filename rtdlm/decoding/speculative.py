@@ -36,10 +36,10 @@ from rtdlm.sampling import SamplingConfig, SamplingState, draw, probabilities, p
 class Drafting:
     """How a speculative decoder drafts and verifies; `models` and `caches` are PyTrees.
 
-    draft(models, caches, tokens [B, 2], positions [B, 2]) -> (logits [B, V], caches, saved)
-      feeds the last two tokens (re-writing the first is harmless and covers the token
-      the previous round's bonus left unfed), returns next-token logits and anything the
-      verify pass may reuse (`saved`, stacked over the K draft steps).
+    draft(models, caches, tokens [B, T], positions [B, T]) -> (logits [B, V], caches, saved)
+      feeds T tokens (2 at a round's first step, then 1), returns the last position's
+      next-token logits and anything the verify pass may reuse (`saved`, stacked over the
+      K draft steps).
     verify(models, caches, tokens [B, K+1], positions [B, K+1], saved) -> (logits [B, K+1, V], caches)
     """
 
@@ -179,35 +179,46 @@ def speculative_loop(
         zeros,
     )
 
-    def draft_step(carry, j):
-        caches, before, last, position, counts, round_key, emitted = carry
-        logits, caches, saved = drafting.draft(
-            models, caches, jnp.stack([before, last], 1), jnp.stack([position - 1, position], 1)
-        )
+    def draft_step(caches, tokens, positions, counts, j, draft_key, emitted):
+        """Feeds tokens [B, T] at positions [B, T]; draws draft j from the last position."""
+        logits, caches, saved = drafting.draft(models, caches, tokens, positions)
         processed = process_logits(logits, config, state=SamplingState(counts, emitted + j))
-        drafted = draw(
-            row_keys(jax.random.fold_in(round_key, j), config, batch),
-            jnp.exp(processed - jnp.max(processed, axis=-1, keepdims=True)),
-        )
-        carry = (
+        weights = jnp.exp(processed - jnp.max(processed, axis=-1, keepdims=True))
+        drafted = draw(row_keys(jax.random.fold_in(draft_key, j), config, batch), weights)
+        counts_after = add_tokens(counts, drafted, jnp.ones(batch, bool))
+        return caches, drafted, counts_after, (drafted, probabilities(processed), counts, saved)
+
+    def draft_round(caches, before, last, position, counts, draft_key, emitted):
+        """K drafts: the first step feeds the last two tokens (re-writing `before` is harmless
+        and covers a bonus token the draft never saw), the next K-1 steps one token each."""
+        caches, drafted, counts, first = draft_step(
             caches,
-            last,
-            drafted,
-            position + 1,
-            add_tokens(counts, drafted, jnp.ones(batch, bool)),
-            round_key,
+            jnp.stack([before, last], 1),
+            jnp.stack([position - 1, position], 1),
+            counts,
+            0,
+            draft_key,
             emitted,
         )
-        return carry, (drafted, probabilities(processed), counts, saved)
+
+        def step(carry, j):
+            caches, previous, counts = carry
+            caches, drafted, counts, out = draft_step(
+                caches, previous[:, None], (position + j)[:, None], counts, j, draft_key, emitted
+            )
+            return (caches, drafted, counts), out
+
+        (caches, _, counts), rest = jax.lax.scan(step, (caches, drafted, counts), jnp.arange(1, k))
+        stacked = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+        return caches, counts, stacked
 
     def one_round(state):
         r, caches, counts, before, last, position, emitted, done, out, drafted_n, accepted_n = state
         round_key = jax.random.fold_in(key, r)
         draft_key, accept_key, resample_key = jax.random.split(round_key, 3)
-        carry, (drafts, q, draft_counts, saved) = jax.lax.scan(
-            draft_step, (caches, before, last, position, counts, draft_key, emitted), jnp.arange(k)
+        caches, counts_all, (drafts, q, draft_counts, saved) = draft_round(
+            caches, before, last, position, counts, draft_key, emitted
         )
-        caches, counts_all = carry[0], carry[4]
         drafts, q = drafts.T, jnp.swapaxes(q, 0, 1)  # [B, K], [B, K, V]
 
         verify_tokens = jnp.concatenate([last[:, None], drafts], axis=1)  # [B, K+1]
