@@ -142,7 +142,7 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float) -> jax.Arr
     """
     half = x.shape[-1] // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
-    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, Dh/2]
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, Dh/2]
     sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
     cos = jnp.cos(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
