@@ -15,8 +15,27 @@ import jax
 import jax.numpy as jnp
 
 from rtdlm.decoding.loop import GenerationOutput, check_generation_args, with_eos
-from rtdlm.decoding.speculative import Drafting, check_num_speculative_tokens, speculative_loop
+from rtdlm.decoding.speculative import (
+    DecoderFacade,
+    Drafting,
+    check_num_speculative_tokens,
+    speculative_loop,
+)
 from rtdlm.sampling import SamplingConfig
+
+
+def check_early_exit_layer(model, early_exit_layer) -> None:
+    """`early_exit_layer` must be an int in [1, num_layers - 1] (upper bound if known)."""
+    if isinstance(early_exit_layer, bool) or not isinstance(early_exit_layer, int):
+        raise TypeError(f"early_exit_layer must be an int, got {early_exit_layer!r}")
+    num_layers = getattr(model, "num_layers", None)
+    if isinstance(num_layers, int) and not 1 <= early_exit_layer < num_layers:
+        raise ValueError(
+            f"early_exit_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, "
+            f"got {early_exit_layer}"
+        )
+    if early_exit_layer < 1:
+        raise ValueError(f"early_exit_layer must be >= 1, got {early_exit_layer}")
 
 
 def can_share_layers(model) -> bool:
@@ -76,16 +95,7 @@ def self_speculative_generate(
     and cache in verification; `False` forces the full verification pass.
     """
     check_num_speculative_tokens(num_speculative_tokens)
-    num_layers = getattr(model, "num_layers", None)
-    if isinstance(early_exit_layer, bool) or not isinstance(early_exit_layer, int):
-        raise TypeError(f"early_exit_layer must be an int, got {early_exit_layer!r}")
-    if isinstance(num_layers, int) and not 1 <= early_exit_layer < num_layers:
-        raise ValueError(
-            f"early_exit_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer "
-            f"model, got {early_exit_layer}"
-        )
-    if early_exit_layer < 1:
-        raise ValueError(f"early_exit_layer must be >= 1, got {early_exit_layer}")
+    check_early_exit_layer(model, early_exit_layer)
     if share_layers is None:
         share_layers = can_share_layers(model)
     elif share_layers and not can_share_layers(model):
@@ -107,7 +117,7 @@ def self_speculative_generate(
     )
 
 
-class SelfSpeculativeDecoder:
+class SelfSpeculativeDecoder(DecoderFacade):
     """The guide's facade for self-speculative decoding by early exit.
 
     Example:
@@ -123,34 +133,11 @@ class SelfSpeculativeDecoder:
         config: SamplingConfig | None = None,
         seed: int = 0,
     ):
-        check_num_speculative_tokens(num_speculative_tokens)
-        num_layers = getattr(model, "num_layers", None)
-        if isinstance(num_layers, int) and not 1 <= early_exit_layer < num_layers:
-            raise ValueError(f"early_exit_layer must be in [1, {num_layers - 1}], got {early_exit_layer}")
+        check_early_exit_layer(model, early_exit_layer)
+        super().__init__(num_speculative_tokens, config, seed)
         self.model, self.early_exit_layer = model, early_exit_layer
-        self.num_speculative_tokens = num_speculative_tokens
-        self.config = SamplingConfig() if config is None else config
-        self._key = jax.random.key(seed)
 
-    def generate(
-        self,
-        input_ids,
-        max_new_tokens: int = 100,
-        *,
-        config: SamplingConfig | None = None,
-        key: jax.Array | None = None,
-        **kwargs,
-    ) -> GenerationOutput:
-        """`self_speculative_generate` with this decoder's model, exit layer, K and config."""
-        if key is None:
-            self._key, key = jax.random.split(self._key)
+    def _decode(self, input_ids, **kwargs) -> GenerationOutput:
         return self_speculative_generate(
-            self.model,
-            input_ids,
-            key=key,
-            config=config or self.config,
-            max_new_tokens=max_new_tokens,
-            early_exit_layer=self.early_exit_layer,
-            num_speculative_tokens=self.num_speculative_tokens,
-            **kwargs,
+            self.model, input_ids, early_exit_layer=self.early_exit_layer, **kwargs
         )

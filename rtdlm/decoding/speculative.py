@@ -275,7 +275,43 @@ def speculative_loop(
     return GenerationOutput(out, output_lengths(out, eos), state[9], state[10])
 
 
-class SpeculativeDecoder:
+class DecoderFacade:
+    """What the guide's decoder facades share: K, a default config and a PRNG key stream
+    (each `generate` call without a `key` takes the next one, so calls differ but replay)."""
+
+    def __init__(self, num_speculative_tokens: int, config: SamplingConfig | None, seed: int):
+        check_num_speculative_tokens(num_speculative_tokens)
+        self.num_speculative_tokens = num_speculative_tokens
+        self.config = SamplingConfig() if config is None else config
+        self._key = jax.random.key(seed)
+
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 100,
+        *,
+        config: SamplingConfig | None = None,
+        key: jax.Array | None = None,
+        **kwargs,
+    ) -> GenerationOutput:
+        """Generates `max_new_tokens` after `input_ids` ([B, P] or [P]); extra keyword
+        arguments (`prompt_lengths`, `eos_token_id`, ...) go to the decoding function."""
+        if key is None:
+            self._key, key = jax.random.split(self._key)
+        return self._decode(
+            input_ids,
+            key=key,
+            config=config or self.config,
+            max_new_tokens=max_new_tokens,
+            num_speculative_tokens=self.num_speculative_tokens,
+            **kwargs,
+        )
+
+    def _decode(self, input_ids, **kwargs) -> GenerationOutput:
+        raise NotImplementedError
+
+
+class SpeculativeDecoder(DecoderFacade):
     """The guide's facade for draft-model speculative decoding.
 
     Example:
@@ -293,31 +329,8 @@ class SpeculativeDecoder:
         config: SamplingConfig | None = None,
         seed: int = 0,
     ):
-        check_num_speculative_tokens(num_speculative_tokens)
+        super().__init__(num_speculative_tokens, config, seed)
         self.target_model, self.draft_model = target_model, draft_model
-        self.num_speculative_tokens = num_speculative_tokens
-        self.config = SamplingConfig() if config is None else config
-        self._key = jax.random.key(seed)
 
-    def generate(
-        self,
-        input_ids,
-        max_new_tokens: int = 100,
-        *,
-        config: SamplingConfig | None = None,
-        key: jax.Array | None = None,
-        **kwargs,
-    ) -> GenerationOutput:
-        """`speculative_generate` with this decoder's models, K and config; `input_ids` [B, P] or [P]."""
-        if key is None:
-            self._key, key = jax.random.split(self._key)
-        return speculative_generate(
-            self.target_model,
-            self.draft_model,
-            input_ids,
-            key=key,
-            config=config or self.config,
-            max_new_tokens=max_new_tokens,
-            num_speculative_tokens=self.num_speculative_tokens,
-            **kwargs,
-        )
+    def _decode(self, input_ids, **kwargs) -> GenerationOutput:
+        return speculative_generate(self.target_model, self.draft_model, input_ids, **kwargs)
