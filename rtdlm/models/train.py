@@ -428,8 +428,10 @@ def train(
         log["evals"].append(entry)
         return entry
 
-    start_time = time.time()
-    recent_losses: list[float] = []
+    # After a resume, wall time continues from the earlier run's (compute actually lost
+    # between its last checkpoint and its end is not counted).
+    resumed_elapsed = log["history"][-1]["elapsed_s"] if log["history"] else 0.0
+    start_time = time.time() - resumed_elapsed
     columns = [
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} step/s"),
@@ -448,7 +450,6 @@ def train(
                 loss, final_ce = float(loss), float(final_ce)  # one host sync per log
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {step}")
-                recent_losses.append(loss)
                 rate = tc.log_every / max(time.time() - step_timer, 1e-9)
                 step_timer = time.time()
                 log["history"].append({
