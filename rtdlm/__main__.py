@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 _BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+_BENCHMARK_NAMES = ("sampler", "decode", "speculative")
 
 
 def _sampling_config(args):
@@ -139,21 +140,24 @@ def main(argv=None) -> int:
     train = commands.add_parser("train", help="train a model (see rtdlm.models.train)", add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     bench = commands.add_parser("bench", help="run benchmarks/<name>.py", add_help=False)
-    bench.add_argument("name", choices=["sampler", "decode", "speculative"])
+    bench.add_argument("name", choices=_BENCHMARK_NAMES)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its options belong to the trainer's own parser
+        from rtdlm.models.train import train_main
+
+        return train_main(argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in _BENCHMARK_NAMES:
+        sys.argv = [str(_BENCHMARKS / f"{argv[1]}.py"), *argv[2:]]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return 0
     args = parser.parse_args(argv)
     if args.command == "generate":
         try:
             return _generate(args)
         except ValueError as error:
             parser.error(str(error))
-    if args.command == "train":
-        from rtdlm.models.train import train_main
-
-        return train_main(args.rest)
-    sys.argv = [str(_BENCHMARKS / f"{args.name}.py"), *args.rest]
-    runpy.run_path(sys.argv[0], run_name="__main__")
     return 0
 
 

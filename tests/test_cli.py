@@ -25,3 +25,10 @@ def test_generate_rejects_bad_values(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--max-new-tokens", "0"])
     assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_train_subcommand_passes_options_to_the_trainer(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--config", "configs/models/tiny.yaml", "--steps", "2", "--output-dir", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    assert (out / "log.json").exists()
