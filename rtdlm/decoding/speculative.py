@@ -183,10 +183,10 @@ def speculative_loop(
         """Feeds tokens [B, T] at positions [B, T]; draws draft j from the last position."""
         logits, caches, saved = drafting.draft(models, caches, tokens, positions)
         processed = process_logits(logits, config, state=SamplingState(counts, emitted + j))
-        weights = jnp.exp(processed - jnp.max(processed, axis=-1, keepdims=True))
-        drafted = draw(row_keys(jax.random.fold_in(draft_key, j), config, batch), weights)
+        q = probabilities(processed)  # [B, V], the distribution draft j is drawn from
+        drafted = draw(row_keys(jax.random.fold_in(draft_key, j), config, batch), q)
         counts_after = add_tokens(counts, drafted, jnp.ones(batch, bool))
-        return caches, drafted, counts_after, (drafted, probabilities(processed), counts, saved)
+        return caches, drafted, counts_after, (drafted, q, counts, saved)
 
     def draft_round(caches, before, last, position, counts, draft_key, emitted):
         """K drafts: the first step feeds the last two tokens (re-writing `before` is harmless
