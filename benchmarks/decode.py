@@ -8,7 +8,10 @@
 2. Sampling overhead inside a compiled decode step: a synthetic-size model (random
    weights, V = 32000), B = 8: step time with the full chain (temperature 0.7, top-k 50,
    top-p 0.9, min-p 0.05, repetition penalty 1.1) against the same step with a plain
-   argmax, and against the forward pass alone.
+   argmax, and against the forward pass alone. Twice: with LM-like logits (a random head
+   giving logits of standard deviation 3; the JSON records their entropy and top-p set
+   sizes) and with uniform logits (zero head), the filters' worst case: every token ties,
+   so the chain takes its full-vocabulary path.
 
 Usage: python benchmarks/decode.py [--quick] [--out benchmarks/results/decode-<device>.json]
 """
@@ -121,8 +124,41 @@ def bench_generate(model, batches, max_new_tokens, repeats):
     return rows
 
 
-def bench_sampling_overhead(batch, vocab, steps, repeats, model_config):
+def synthetic_model(model_config, vocab, logit_std):
+    """A random-weight model of the given size whose logits have standard deviation `logit_std`.
+
+    The head of a freshly initialised model is zero (uniform logits); a trained LM's logits
+    are spread out, with a few tokens far above the rest. A normal head with standard
+    deviation logit_std / sqrt(d_model) on the unit-RMS final norm gives logits with that
+    spread. logit_std = 0 keeps the zero head: every row uniform, the worst case for the
+    filters (every token ties, so top-k keeps them all and top-p needs the whole vocabulary).
+    """
     model = create_model({**model_config, "vocab_size": vocab}, rngs=0)
+    if logit_std:
+        shape = model.head.kernel.shape
+        scale = logit_std / np.sqrt(model_config["d_model"])
+        model.head.kernel[...] = scale * jax.random.normal(jax.random.key(1), shape)
+    return model
+
+
+def logit_statistics(model, vocab, temperature=0.7, top_p=0.9):
+    """Spread of the model's logits on random tokens: std, entropy at `temperature`, top-p size."""
+    tokens = jax.random.randint(jax.random.key(2), (8, 16), 0, vocab)
+    positions = jnp.broadcast_to(jnp.arange(16), tokens.shape)
+    logits = model(tokens, positions, model.init_cache(8, 16))[0].reshape(-1, vocab)
+    probs = np.sort(np.asarray(jax.nn.softmax(logits / temperature, axis=-1), np.float64), -1)[:, ::-1]
+    nucleus = (np.cumsum(probs, -1) < top_p).sum(-1) + 1
+    return {
+        "logit_std": float(jnp.std(logits)),
+        f"entropy_nats_at_t{temperature}": float(-(probs * np.log(probs + 1e-30)).sum(-1).mean()),
+        f"top_p{top_p}_size_median": float(np.median(nucleus)),
+        f"top_p{top_p}_size_max": int(nucleus.max()),
+        "top_probability_mean": float(probs[:, 0].mean()),
+    }
+
+
+def bench_sampling_overhead(batch, vocab, steps, repeats, model_config, logit_std):
+    model = synthetic_model(model_config, vocab, logit_std)
     chain = SamplingConfig(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1)
     cache_length = 64 + steps
 
@@ -164,13 +200,15 @@ def bench_sampling_overhead(batch, vocab, steps, repeats, model_config):
         vocab=vocab,
         steps=steps,
         model=model_config,
+        head_logit_std=logit_std,
+        logits=logit_statistics(model, vocab),
         sampling_overhead_vs_argmax=(chain_us - argmax_us) / chain_us,
         chain_config="temperature 0.7, top_k 50, top_p 0.9, min_p 0.05, repetition_penalty 1.1",
     )
     print(
-        f"B={batch} V={vocab}: step with chain {chain_us:.0f} us, with argmax {argmax_us:.0f} us, "
-        f"forward only {result['forward_only']['us_per_step']:.0f} us -> sampling overhead "
-        f"{result['sampling_overhead_vs_argmax']:.1%}"
+        f"B={batch} V={vocab} logit std {logit_std}: step with chain {chain_us:.0f} us, with argmax "
+        f"{argmax_us:.0f} us, forward only {result['forward_only']['us_per_step']:.0f} us -> "
+        f"sampling overhead {result['sampling_overhead_vs_argmax']:.1%}"
     )
     return result
 
@@ -188,13 +226,15 @@ def main(argv=None):
     if args.quick:
         model = create_model("configs/models/tiny.yaml", rngs=0)
         gen = bench_generate(model, [1, 2], max_new_tokens=8, repeats=2)
-        overhead = bench_sampling_overhead(
-            2, 1000, 8, 2, dict(d_model=32, num_layers=1, num_heads=2, mlp_dim=64, attention_window=None)
-        )
+        tiny = dict(d_model=32, num_layers=1, num_heads=2, mlp_dim=64, attention_window=None)
+        overhead = {"lm_like_logits": bench_sampling_overhead(2, 1000, 8, 2, tiny, logit_std=3.0)}
     else:
         start = time.perf_counter()
         gen = bench_generate(load_model("target"), [1, 16], max_new_tokens=128, repeats=args.repeats)
-        overhead = bench_sampling_overhead(8, 32000, 32, args.repeats, synthetic)
+        overhead = {
+            name: bench_sampling_overhead(8, 32000, 32, args.repeats, synthetic, logit_std=std)
+            for name, std in (("lm_like_logits", 3.0), ("uniform_logits_worst_case", 0.0))
+        }
         print(f"total {time.perf_counter() - start:.0f} s")
     env = environment()
     out = args.out or f"benchmarks/results/decode-{env['device_slug']}{'-quick' if args.quick else ''}.json"

@@ -52,9 +52,10 @@ def _tokens(batch, length, seed=0):
 
 def test_shapes_dtypes_and_attributes(model):
     tokens = _tokens(2, 5)
-    cache = model.init_cache(2, 16)
+    cache = model.init_cache(2, 24)
     assert isinstance(cache, tuple) and len(cache) == model.num_layers
-    assert cache[0][0].shape == (2, 16, 2, 16) and cache[0][0].dtype == jnp.float32
+    keys, values = cache[0]  # batch and heads merged: [B*H, Dh, S] and [B*H, S, Dh]
+    assert keys.shape == (4, 16, 24) and values.shape == (4, 24, 16) and keys.dtype == jnp.float32
     logits, new_cache = _call(model, tokens, _positions(2, 5), cache)
     assert logits.shape == (2, 5, 256) and logits.dtype == jnp.float32
     assert jax.tree.structure(new_cache) == jax.tree.structure(cache)

@@ -13,8 +13,10 @@ MLP) -> final RMSNorm -> head (tied to the embedding or not). The final norm
 and head are shared by every exit, so `exit_layer=E` reads the residual stream
 after the first E blocks (LayerSkip-style early exit).
 
-KV cache: a tuple over layers of `(keys, values)`, each `[B, S, H, Dh]`. A call
-writes row b's token t into slot `positions[b, t]` (a scatter, so rows may sit
+KV cache: a tuple over layers of `(keys [B*H, Dh, S], values [B*H, S, Dh])`
+(batch and heads merged, keys transposed: the layouts the attention matmuls read
+as they are, so the decode step updates the cache in place and never copies it).
+A call writes row b's token t into slot `positions[b, t]` (a scatter, so rows may sit
 at different positions) and a query at position p attends to slots `<= p`
 only (and, with a sliding `attention_window` W, to slots `> p - W`). Slots
 beyond a row's position are ignored and later overwritten, so rolling back
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# One layer's cache entry: (keys, values), each [B, S, H, Dh].
+# One layer's cache entry: (keys [B*H, Dh, S], values [B*H, S, Dh]).
 LayerCache = tuple[jax.Array, jax.Array]
 Cache = tuple[LayerCache, ...]
 
@@ -167,10 +169,44 @@ class Attention(nnx.Module):
             d, d, use_bias=False, kernel_init=out_init, dtype=dtype, param_dtype=dtype, rngs=rngs
         )
 
+    def _mask(self, query_positions, key_positions, scores):
+        """Scales and masks raw scores [B, H, T, K] -> float32: a query at position p sees keys
+        at positions <= p and, with a window W, > p - W; the others get the float32 minimum."""
+        offsets = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, K]
+        mask = offsets >= 0
+        if self.window is not None:
+            mask &= offsets < self.window
+        scores = scores.astype(jnp.float32) / math.sqrt(self.head_dim)
+        return jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+
+    def _write_cache(self, cache: LayerCache, k, v, positions) -> LayerCache:
+        """Writes row b's token t (k, v: [B, T, H, Dh]) into slot positions[b, t].
+
+        The cache holds keys [B*H, Dh, S] and values [B*H, S, Dh]: the layouts both attention
+        matmuls read as they are, so XLA updates the cache in place and never copies it (a
+        separate size-1 batch axis would make it copy the cache at B=1). Writes at slots
+        >= S are dropped.
+        """
+        cache_k, cache_v = cache
+        batch, length, heads, head_dim = k.shape
+        num_slots = cache_v.shape[1]
+        if length == 1:  # one token per row: a select over the slots beats a scatter
+            hit = jnp.repeat(positions == jnp.arange(num_slots)[None], heads, axis=0)  # [N, S]
+            new_k = k.reshape(batch * heads, head_dim, 1).astype(cache_k.dtype)
+            new_v = v.reshape(batch * heads, 1, head_dim).astype(cache_v.dtype)
+            return jnp.where(hit[:, None, :], new_k, cache_k), jnp.where(hit[:, :, None], new_v, cache_v)
+        rows = jnp.arange(batch)[:, None]  # [B, 1], broadcasts against [B, T]
+        # The advanced indices (rows, positions) come first in the update: [B, T, H, Dh].
+        keys = cache_k.reshape(batch, heads, head_dim, num_slots)
+        keys = keys.at[rows, :, :, positions].set(k.astype(keys.dtype), mode="drop")
+        values = cache_v.reshape(batch, heads, num_slots, head_dim)
+        values = values.at[rows, :, positions].set(v.astype(values.dtype), mode="drop")
+        return keys.reshape(cache_k.shape), values.reshape(cache_v.shape)
+
     def __call__(
         self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
     ) -> tuple[jax.Array, LayerCache | None]:
-        """x: [B, T, D]; positions: [B, T]; cache: ([B, S, H, Dh], [B, S, H, Dh]) or None."""
+        """x: [B, T, D]; positions: [B, T]; cache: ([B*H, Dh, S], [B*H, S, Dh]) or None."""
         batch, length, _ = x.shape
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, Dh]
@@ -178,30 +214,24 @@ class Attention(nnx.Module):
         k = rotary_embedding(k, positions, self.rope_base)
 
         if cache is None:
-            # No cache (training): attend to this call's own keys, by position.
-            keys, values, key_positions = k, v, positions  # [B, T, H, Dh], [B, T]
+            # No cache (training): attend to this call's own tokens, by position.
+            scores = self._mask(positions, positions, jnp.einsum("bthd,bshd->bhts", q, k))
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, T, T]
+            attended = jnp.einsum("bhts,bshd->bthd", probs, v)  # [B, T, H, Dh]
         else:
-            cache_k, cache_v = cache  # [B, S, H, Dh]
-            rows = jnp.arange(batch)[:, None]  # [B, 1], broadcasts against [B, T]
-            # Row b's token t goes to slot positions[b, t]; out-of-range writes are dropped.
-            cache_k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype), mode="drop")
-            cache_v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype), mode="drop")
-            cache = (cache_k, cache_v)
-            num_slots = cache_k.shape[1]
-            keys, values = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-            key_positions = jnp.broadcast_to(jnp.arange(num_slots), (batch, num_slots))  # [B, S]
-
-        # A query at position p sees keys at positions <= p (slot index for the cache),
-        # and, with a window W, only those > p - W.
-        offsets = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
-        mask = offsets >= 0
-        if self.window is not None:
-            mask &= offsets < self.window
-        scores = jnp.einsum("bthd,bshd->bhts", q, keys).astype(jnp.float32)  # [B, H, T, S]
-        scores = scores / math.sqrt(self.head_dim)
-        scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)  # [B, H, T, S]
-        attended = jnp.einsum("bhts,bshd->bthd", probs, values)  # [B, T, H, Dh]
+            cache = cache_k, cache_v = self._write_cache(cache, k, v, positions)
+            heads = self.num_heads
+            num_slots = cache_v.shape[1]
+            # Attend to the whole cache (slot = position), batch and heads merged into N = B*H.
+            q_n = q.transpose(0, 2, 1, 3).reshape(batch * heads, length, self.head_dim)  # [N, T, Dh]
+            scores = jnp.einsum("ntd,nds->nts", q_n, cache_k.astype(q.dtype))  # [N, T, S]
+            slots = jnp.broadcast_to(jnp.arange(num_slots), (batch, num_slots))
+            scores = self._mask(positions, slots, scores.reshape(batch, heads, length, num_slots))
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, T, S]
+            attended = jnp.einsum(
+                "nts,nsd->ntd", probs.reshape(batch * heads, length, num_slots), cache_v.astype(v.dtype)
+            )  # [N, T, Dh]
+            attended = attended.reshape(batch, heads, length, self.head_dim).transpose(0, 2, 1, 3)
         return self.out(attended.reshape(batch, length, -1)), cache  # [B, T, D]
 
 
@@ -371,11 +401,12 @@ class Transformer(nnx.Module):
         return self.logits(hidden), cache
 
     def init_cache(self, batch_size: int, max_length: int) -> Cache:
-        """Zero KV cache: a tuple over layers of (keys, values), each [B, S, H, Dh]."""
-        shape = (batch_size, max_length, self.config.num_heads, self.config.head_dim)
+        """Zero KV cache: a tuple over layers of (keys [B*H, Dh, S], values [B*H, S, Dh])."""
+        rows, head_dim = batch_size * self.config.num_heads, self.config.head_dim
+        keys, values = (rows, head_dim, max_length), (rows, max_length, head_dim)
         dtype = self.config.jnp_dtype
         return tuple(
-            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.num_layers)
+            (jnp.zeros(keys, dtype), jnp.zeros(values, dtype)) for _ in range(self.num_layers)
         )
 
     def _check_exit_layer(self, exit_layer: Any) -> int:
