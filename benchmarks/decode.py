@@ -54,12 +54,13 @@ def python_loops(model, prompt, config, max_new_tokens):
         logits, cache = model(prompt, positions, model.init_cache(batch, prompt_len + max_new_tokens))
         return logits[:, -1], cache
 
-    @jax.jit
+    # The cache (and counts) are donated, so XLA updates them in place instead of copying.
+    @functools.partial(jax.jit, donate_argnames="cache")
     def forward(model, token, position, cache):
         logits, cache = model(token[:, None], jnp.full((batch, 1), position), cache)
         return logits[:, -1], cache
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnames=("counts", "cache"))
     def fused_step(model, key, logits, counts, position, cache, config):
         token = sample(key, logits, config, state=SamplingState(counts, None)).token_id
         counts = add_tokens(counts, token, jnp.ones(batch, bool))
