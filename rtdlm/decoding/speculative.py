@@ -36,11 +36,12 @@ from rtdlm.sampling import SamplingConfig, SamplingState, draw, probabilities, p
 class Drafting:
     """How a speculative decoder drafts and verifies; `models` and `caches` are PyTrees.
 
-    draft(models, caches, tokens [B, T], positions [B, T]) -> (logits [B, V], caches, saved)
-      feeds T tokens (2 at a round's first step, then 1), returns the last position's
-      next-token logits and anything the verify pass may reuse (`saved`, stacked over the
-      K draft steps).
+    draft(models, caches, tokens [B, 1], positions [B, 1]) -> (logits [B, V], caches, saved)
+      feeds one token, returns the next-token logits and anything the verify pass may
+      reuse (`saved`, stacked over the K draft steps).
     verify(models, caches, tokens [B, K+1], positions [B, K+1], saved) -> (logits [B, K+1, V], caches)
+      scores the round's last token and its K drafts. Afterwards the drafter must have seen
+      every token up to the last draft, so the next round feeds it only the new last token.
     """
 
     def prefill(self, models, prompt, positions, cache_length) -> tuple[jax.Array, Any]:
@@ -69,8 +70,12 @@ class DraftModel(Drafting):
         return logits[:, -1], (caches[0], draft_cache), None
 
     def verify(self, models, caches, tokens, positions, saved):
-        logits, target_cache = models[0](tokens, positions, caches[0])
-        return logits, (target_cache, caches[1])
+        target, drafter = models
+        logits, target_cache = target(tokens, positions, caches[0])
+        # The draft steps fed the round's tokens but the last draft: feed it too (its
+        # logits are unused), in case every draft is accepted.
+        _, draft_cache = drafter(tokens[:, -1:], positions[:, -1:], caches[1])
+        return logits, (target_cache, draft_cache)
 
 
 def vocab_size(model) -> int:
@@ -162,14 +167,13 @@ def speculative_loop(
     first = sample_next(jax.random.fold_in(key, 0), logits, config, counts, jnp.zeros(batch, jnp.int32))
     out = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
     zeros = jnp.zeros(batch, jnp.int32)
-    # Round state: (round, caches, history counts [B, V], token before `last` [B],
-    #   last emitted token, not yet fed to the models [B], its position [B],
-    #   tokens emitted [B], finished [B], output [B, N], drafted [B], accepted [B])
+    # Round state: (round, caches, history counts [B, V], last emitted token, not yet
+    #   fed to the models [B], its position [B], tokens emitted [B], finished [B],
+    #   output [B, N], drafted [B], accepted [B])
     state = (
         1,
         caches,
         add_tokens(counts, first, jnp.ones(batch, bool)),
-        prompt[rows, lengths - 1],
         first,
         lengths,
         jnp.ones(batch, jnp.int32),
@@ -179,45 +183,27 @@ def speculative_loop(
         zeros,
     )
 
-    def draft_step(caches, tokens, positions, counts, j, draft_key, emitted):
-        """Feeds tokens [B, T] at positions [B, T]; draws draft j from the last position."""
-        logits, caches, saved = drafting.draft(models, caches, tokens, positions)
-        processed = process_logits(logits, config, state=SamplingState(counts, emitted + j))
-        q = probabilities(processed)  # [B, V], the distribution draft j is drawn from
-        drafted = draw(row_keys(jax.random.fold_in(draft_key, j), config, batch), q)
-        counts_after = add_tokens(counts, drafted, jnp.ones(batch, bool))
-        return caches, drafted, counts_after, (drafted, q, counts, saved)
-
-    def draft_round(caches, before, last, position, counts, draft_key, emitted):
-        """K drafts: the first step feeds the last two tokens (re-writing `before` is harmless
-        and covers a bonus token the draft never saw), the next K-1 steps one token each."""
-        caches, drafted, counts, first = draft_step(
-            caches,
-            jnp.stack([before, last], 1),
-            jnp.stack([position - 1, position], 1),
-            counts,
-            0,
-            draft_key,
-            emitted,
-        )
+    def draft_round(caches, last, position, counts, draft_key, emitted):
+        """K drafts, one token fed per step (`last`, then each draft)."""
 
         def step(carry, j):
             caches, previous, counts = carry
-            caches, drafted, counts, out = draft_step(
-                caches, previous[:, None], (position + j)[:, None], counts, j, draft_key, emitted
-            )
-            return (caches, drafted, counts), out
+            logits, caches, saved = drafting.draft(models, caches, previous[:, None], (position + j)[:, None])
+            processed = process_logits(logits, config, state=SamplingState(counts, emitted + j))
+            q = probabilities(processed)  # [B, V], the distribution draft j is drawn from
+            drafted = draw(row_keys(jax.random.fold_in(draft_key, j), config, batch), q)
+            counts_after = add_tokens(counts, drafted, jnp.ones(batch, bool))
+            return (caches, drafted, counts_after), (drafted, q, counts, saved)
 
-        (caches, _, counts), rest = jax.lax.scan(step, (caches, drafted, counts), jnp.arange(1, k))
-        stacked = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+        (caches, _, counts), stacked = jax.lax.scan(step, (caches, last, counts), jnp.arange(k))
         return caches, counts, stacked
 
     def one_round(state):
-        r, caches, counts, before, last, position, emitted, done, out, drafted_n, accepted_n = state
+        r, caches, counts, last, position, emitted, done, out, drafted_n, accepted_n = state
         round_key = jax.random.fold_in(key, r)
         draft_key, accept_key, resample_key = jax.random.split(round_key, 3)
         caches, counts_all, (drafts, q, draft_counts, saved) = draft_round(
-            caches, before, last, position, counts, draft_key, emitted
+            caches, last, position, counts, draft_key, emitted
         )
         drafts, q = drafts.T, jnp.swapaxes(q, 0, 1)  # [B, K], [B, K, V]
 
@@ -251,16 +237,12 @@ def speculative_loop(
         counts = counts.at[rows[:, None], new].add(write.astype(counts.dtype))
         last_index = jnp.maximum(count - 1, 0)
         new_last = jnp.where(count > 0, new[rows, last_index], last)
-        new_before = jnp.where(
-            count > 1, new[rows, jnp.maximum(count - 2, 0)], jnp.where(count > 0, last, before)
-        )
         active = ~done
         done = done | jnp.any(is_eos & write, 1) | (emitted + count >= max_new_tokens)
         return (
             r + 1,
             caches,
             counts,
-            new_before,
             new_last,
             position + count,
             emitted + count,
@@ -270,9 +252,9 @@ def speculative_loop(
             accepted_n + num_accepted * active,
         )
 
-    state = jax.lax.while_loop(lambda s: ~jnp.all(s[7]), one_round, state)
-    out = state[8]
-    return GenerationOutput(out, output_lengths(out, eos), state[9], state[10])
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s[6]), one_round, state)
+    out = state[7]
+    return GenerationOutput(out, output_lengths(out, eos), state[8], state[9])
 
 
 class DecoderFacade:
