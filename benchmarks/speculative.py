@@ -10,6 +10,12 @@ For each K (drafts per round), batch size and sampling mode it reports:
   speedup   tokens/s of speculative decoding / tokens/s of `generate` (same model, config)
   ideal     (1 - alpha^(K+1)) / ((1 - alpha) (K c + 1)) = tokens_per_round / (K c + 1)
             (Leviathan et al. 2023); fraction_of_ideal = speedup / ideal
+  v         verify cost: one verify pass over K+1 tokens / one 1-token target step (each
+            timed alone, many in one scan). The ideal formula assumes v = 1, true where a
+            step is bound by reading the weights (a GPU at small batch). On a CPU a (K+1)-row
+            matmul costs more than a 1-row one (XLA runs it as a GEMM, not a GEMV), so the
+            benchmark also reports ideal_at_measured_v = tokens_per_round / (K c + v) and the
+            fraction of that reached: what the decode loop itself loses.
 Programs are compiled before timing and timed interleaved in one process.
 
   python benchmarks/speculative.py            # bundled target + 1-layer draft model
@@ -32,6 +38,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._timing import environment, summarize, time_interleaved, write_json  # noqa: E402
 from rtdlm.decoding import generate, self_speculative_generate, speculative_generate  # noqa: E402
+from rtdlm.decoding.self_speculative import EarlyExit  # noqa: E402
+from rtdlm.decoding.speculative import DraftModel  # noqa: E402
 from rtdlm.models import create_model, encode, load_model  # noqa: E402
 from rtdlm.sampling import SamplingConfig  # noqa: E402
 
@@ -72,11 +80,59 @@ def add_derived(row: dict) -> dict:
     row["alpha"] = iid_alpha(row["tokens_per_round"], k)
     row["ideal_speedup"] = row["tokens_per_round"] / (k * row["c"] + 1)
     row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
+    if "verify_cost" in row:
+        row["ideal_at_measured_v"] = row["tokens_per_round"] / (k * row["c"] + row["verify_cost"])
+        row["fraction_of_ideal_at_measured_v"] = row["speedup"] / row["ideal_at_measured_v"]
     return row
 
 
-def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats):
-    """Times plain generate, the drafter alone and each K; returns per-K rows."""
+def verify_costs(drafting, models, target, ks, batch, repeats, steps=32, cache_length=160):
+    """{K: v}: one `drafting.verify` pass over K+1 tokens / one 1-token target step."""
+    one = jnp.zeros((batch, 1), jnp.int32)
+    vocab = target.vocab_size
+
+    def scanned(call, width):
+        @jax.jit
+        def run(models):
+            caches = drafting.prefill(models, one, one, cache_length)[1]
+
+            def step(caches, t):  # inputs depend on t, so XLA cannot hoist the pass
+                tokens = jnp.broadcast_to((t + jnp.arange(width)) % vocab, (batch, width))
+                positions = jnp.broadcast_to(16 + jnp.arange(width), (batch, width))
+                logits, caches = call(models, caches, tokens, positions)
+                return caches, jnp.argmax(logits[:, -1], axis=-1)
+
+            return jnp.sum(jax.lax.scan(step, caches, jnp.arange(steps))[1])
+
+        return functools.partial(run, models)
+
+    def target_step(models, caches, tokens, positions):
+        cache = caches[0] if isinstance(drafting, DraftModel) else caches
+        logits, cache = target(tokens, positions, cache)
+        return logits, (cache, caches[1]) if isinstance(drafting, DraftModel) else cache
+
+    def verify(k):
+        def call(models, caches, tokens, positions):
+            # What the K draft steps would save for verification (zeros of its shape).
+            one_step = jax.eval_shape(drafting.draft, models, caches, tokens[:, :1], positions[:, :1])
+            saved = jax.tree.map(lambda a: jnp.zeros((k, *a.shape), a.dtype), one_step[2])
+            return drafting.verify(models, caches, tokens, positions, saved)
+
+        return scanned(call, k + 1)
+
+    programs = {"step": scanned(target_step, 1), **{f"K={k}": verify(k) for k in ks}}
+    for program in programs.values():
+        jax.block_until_ready(program())
+    seconds = time_interleaved(programs, repeats)
+    step = float(np.median(seconds["step"]))
+    return {k: float(np.median(seconds[f"K={k}"])) / step for k in ks}
+
+
+def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats, costs):
+    """Times plain generate, the drafter alone and each K; returns per-K rows.
+
+    costs: {K: verify cost v} from `verify_costs`.
+    """
     programs = {
         "generate": run_plain,
         "draft_alone": run_draft_alone,
@@ -98,6 +154,7 @@ def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats):
             "batch": batch,
             "acceptance_fraction": accepted / max(drafted, 1),
             "c": c,
+            "verify_cost": costs[k],
             "tokens_per_target_call": float(np.mean(np.asarray(out.lengths))) / (rounds + 1),
             "speedup": plain / spec,
             "tokens_per_s": batch * new_tokens / spec,
@@ -107,7 +164,8 @@ def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats):
         rows.append(add_derived(row))
         print(
             f"  K={k} B={batch}: alpha {row['alpha']:.2f}, c {c:.2f}, speedup {row['speedup']:.2f}x "
-            f"(ideal {row['ideal_speedup']:.2f}x, {row['fraction_of_ideal']:.0%})",
+            f"(ideal {row['ideal_speedup']:.2f}x, {row['fraction_of_ideal']:.0%}; v {costs[k]:.2f}, "
+            f"ideal at v {row['ideal_at_measured_v']:.2f}x, {row['fraction_of_ideal_at_measured_v']:.0%})",
             flush=True,
         )
     return rows
@@ -130,7 +188,8 @@ def draft_model_rows(target, draft, ks, batches, new_tokens, repeats):
             }
             plain = functools.partial(generate, target, prompt, **common)
             draft_alone = functools.partial(generate, draft, prompt, **common)
-            for row in measure(plain, draft_alone, runs, batch, new_tokens, repeats):
+            costs = verify_costs(DraftModel(), (target, draft), target, ks, batch, repeats)
+            for row in measure(plain, draft_alone, runs, batch, new_tokens, repeats, costs):
                 rows.append({"mode": mode, **row})
     return rows
 
@@ -155,7 +214,8 @@ def self_rows(model, exits, ks, new_tokens, repeats):
             }
             plain = functools.partial(generate, model, prompt, **common)
             draft_alone = functools.partial(generate, _ExitAt(model, exit_layer), prompt, **common)
-            for row in measure(plain, draft_alone, runs, 1, new_tokens, repeats):
+            costs = verify_costs(EarlyExit(exit_layer, True), model, model, ks, 1, repeats)
+            for row in measure(plain, draft_alone, runs, 1, new_tokens, repeats, costs):
                 rows.append({"mode": mode, "exit_layer": exit_layer, **row})
     return rows
 
