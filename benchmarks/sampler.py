@@ -9,7 +9,10 @@ Methods, timed in one process per shape and logits distribution:
                    by descending sort + cumsum + scatter back, min-p, `jax.random.categorical`.
   rtdlm_top_p      rtdlm `sample`, SamplingConfig(temperature=0.7, top_p=0.9) (top-k off).
   sort_top_p       temperature + the full-sort top-p above + `jax.random.categorical`.
-  categorical_T    `jax.random.categorical(key, logits / 0.7)` (temperature only).
+  rtdlm_temperature  rtdlm `sample`, SamplingConfig(temperature=0.7): no filter, so the
+                   threshold search is skipped; one uniform per row (inverse CDF).
+  categorical_T    `jax.random.categorical(key, logits / 0.7)` (temperature only: Gumbel
+                   noise for every vocabulary entry).
   argmax           `jnp.argmax` (a floor: one read of the logits).
   torch_sort_*     GPU only, when torch with CUDA is importable: the PyTorch servers' sort
                    fallback (torch.sort + cumsum + multinomial), eager, timed with CUDA events.
@@ -90,6 +93,7 @@ CHAIN_CONFIG = SamplingConfig(
     repetition_penalty=REPETITION_PENALTY,
 )
 TOP_P_CONFIG = SamplingConfig(temperature=TEMPERATURE, top_p=TOP_P)
+TEMPERATURE_CONFIG = SamplingConfig(temperature=TEMPERATURE)
 
 DISTRIBUTIONS = {
     "lm-like": "2.5*N(0,1) plus 8 tokens per row at row_max + h*(1, 7/8, ..., 1/8), "
@@ -108,6 +112,7 @@ METHODS = {
     "sort_chain": "full-sort chain (JAX)",
     "rtdlm_top_p": "rtdlm top-p only",
     "sort_top_p": "full-sort top-p (JAX)",
+    "rtdlm_temperature": "rtdlm temperature only",
     "categorical_T": "temperature-only categorical",
     "argmax": "argmax (floor)",
     "torch_sort_chain": "PyTorch sort chain (CUDA)",
@@ -119,6 +124,7 @@ RATIOS = {  # name -> (numerator method, denominator method)
     "rtdlm_chain_over_argmax": ("rtdlm_chain", "argmax"),
     "rtdlm_top_p_over_argmax": ("rtdlm_top_p", "argmax"),
     "categorical_over_rtdlm_chain": ("categorical_T", "rtdlm_chain"),
+    "categorical_over_rtdlm_temperature": ("categorical_T", "rtdlm_temperature"),
     "torch_chain_over_rtdlm": ("torch_sort_chain", "rtdlm_chain"),
     "torch_top_p_over_rtdlm": ("torch_sort_top_p", "rtdlm_top_p"),
 }
@@ -208,7 +214,7 @@ def step_rtdlm_chain(step, logits, history, key, config):
     return sample(k, x, config, token_history=h).token_id
 
 
-def step_rtdlm_top_p(step, logits, history, key, config):
+def step_rtdlm_no_history(step, logits, history, key, config):
     x, _, k = perturb(step, logits, history, key)
     return sample(k, x, config).token_id
 
@@ -239,7 +245,8 @@ def jax_methods() -> dict[str, tuple[Callable[..., jax.Array], Any]]:
     return {
         "rtdlm_chain": (step_rtdlm_chain, CHAIN_CONFIG),
         "sort_chain": (step_sort_chain, reference_params(chain=True)),
-        "rtdlm_top_p": (step_rtdlm_top_p, TOP_P_CONFIG),
+        "rtdlm_top_p": (step_rtdlm_no_history, TOP_P_CONFIG),
+        "rtdlm_temperature": (step_rtdlm_no_history, TEMPERATURE_CONFIG),
         "sort_top_p": (step_sort_top_p, reference_params(chain=False)),
         "categorical_T": (step_categorical, jnp.float32(TEMPERATURE)),
         "argmax": (step_argmax, None),
@@ -576,6 +583,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            f"top_p={TOP_P}, min_p={MIN_P}, repetition_penalty="
                            f"{REPETITION_PENALTY}), token_history [B, {HISTORY_LENGTH}]",
             "rtdlm_top_p": f"SamplingConfig(temperature={TEMPERATURE}, top_p={TOP_P})",
+            "rtdlm_temperature": f"SamplingConfig(temperature={TEMPERATURE})",
             "num_candidates": CHAIN_CONFIG.num_candidates,
         },
         "torch": "timed" if use_torch else "skipped: needs a GPU and torch with CUDA",

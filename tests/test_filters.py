@@ -124,6 +124,16 @@ def test_fast_path_is_taken_and_exact():
     assert_same_kept_set(out, reference(logits, **params))
 
 
+def test_no_filter_in_the_batch_skips_the_threshold_search():
+    logits = wide_rows([4.0, 1.0, 0.1, 2.0], seed=3)
+    out, widths = run(logits, 128)  # every filter off
+    assert widths == [], widths  # no rule computed at all
+    np.testing.assert_array_equal(out, logits)
+    out, widths = run(logits, 128, top_k=[0, 0, 7, 0])  # one filtering row: the search runs
+    assert widths == [128], widths
+    assert_same_kept_set(out, reference(logits, top_k=[0, 0, 7, 0]))
+
+
 FALLBACK_CASES = [
     # (name, logit scales per row, params, num_candidates)
     (

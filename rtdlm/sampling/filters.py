@@ -184,40 +184,43 @@ def truncate(
     z = jnp.minimum(z, jnp.finfo(jnp.float32).max)
     z = jnp.where((shards.max(z) == -jnp.inf)[:, None], 0.0, z)  # empty rows
     row_max = shards.max(z)  # [B], finite
-    total_mass = shards.sum(jnp.exp(z - row_max[:, None]))
 
     top_k = jnp.where((top_k > 0) & (top_k < vocab), top_k, 0).astype(jnp.int32)
     top_p = jnp.clip(jnp.nan_to_num(top_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
     typical_p = jnp.clip(jnp.nan_to_num(typical_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
     min_p = jnp.clip(jnp.nan_to_num(min_p, nan=0.0), 0.0, 1.0)
-    min_p_key = order_key(row_max + jnp.log(min_p))  # min-p relative to the top token
-    params = (top_k, top_p, min_p_key, typical_p)
+    filtering = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0) | (typical_p < 1.0)  # [B]
 
-    num_candidates = min(num_candidates, vocab)
-    if num_candidates == vocab and not shards.sharded:
-        rule, _ = _keep_rule(z, row_max, total_mass, *params)
-    else:
+    def filtered():
+        total_mass = shards.sum(jnp.exp(z - row_max[:, None]))
+        min_p_key = order_key(row_max + jnp.log(min_p))  # min-p relative to the top token
+        params = (top_k, top_p, min_p_key, typical_p)
+        if num_candidates >= vocab and not shards.sharded:
+            return _keep_rule(z, row_max, total_mass, *params)[0].keep(z)
         candidates = lax.top_k(z, min(num_candidates, local_vocab))[0]  # [B, C], descending
         if shards.sharded:  # the row's top C are among the devices' top Cs
-            candidates = lax.top_k(shards.gather(candidates), num_candidates)[0]
+            candidates = lax.top_k(shards.gather(candidates), min(num_candidates, vocab))[0]
         rule, p_reached = _keep_rule(candidates, row_max, total_mass, *params)
         # == candidates[:, -1]; slicing the top_k output would stop XLA on CPU from using its
         # TopK kernel (it falls back to sorting the whole row).
         last = jnp.min(candidates, axis=-1)
         every_finite_inside = last == -jnp.inf  # the rest of the row is -inf: no mass
         # (a float count: exact below 2**24 and cheaper than an integer sum on CPU)
-        no_straddling_ties = shards.sum((z >= last[:, None]).astype(jnp.float32)) == num_candidates
+        no_straddling_ties = shards.sum((z >= last[:, None]).astype(jnp.float32)) == candidates.shape[-1]
         kept_inside = rule.threshold >= order_key(last)
         covered = p_reached & (
             every_finite_inside
-            | (no_straddling_ties & (top_k <= num_candidates) & ((typical_p >= 1.0) | kept_inside))
+            | (no_straddling_ties & (top_k <= candidates.shape[-1]) & ((typical_p >= 1.0) | kept_inside))
         )
         rule = lax.cond(
             jnp.all(covered),
             lambda: rule,
             lambda: _keep_rule(z, row_max, total_mass, *params, shards)[0],
         )
-    keep = rule.keep(z)
+        return rule.keep(z)
+
+    # Rows without a filter keep everything; when no row has one, skip the threshold search.
+    keep = lax.cond(jnp.any(filtering), filtered, lambda: jnp.ones(z.shape, bool))
     token_ids = shards.token_ids(local_vocab)
 
     def greedy_rows():  # keep only the first maximum
