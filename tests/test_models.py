@@ -17,6 +17,8 @@ from rtdlm.models.transformer import (
     load_model,
     model_from_bytes,
     model_to_bytes,
+    param_count,
+    widen_mlp,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,3 +275,16 @@ def test_sliding_window_limits_the_receptive_field():
     full_all, _ = _call(unwindowed, tokens, _positions(1, 12), cache)
     crop_all, _ = _call(unwindowed, tokens[:, 1:], _positions(1, 11), cache)
     assert not np.allclose(full_all[:, 11], crop_all[:, -1], atol=1e-4)
+
+
+def test_widen_mlp_keeps_the_function_and_adds_the_weights(model):
+    wide = widen_mlp(model, model.config.mlp_dim + 96)
+    tokens = _tokens(2, 7)
+    positions = _positions(2, 7)
+    logits, _ = _call(model, tokens, positions, model.init_cache(2, 8))
+    wide_logits, _ = _call(wide, tokens, positions, wide.init_cache(2, 8))
+    np.testing.assert_allclose(wide_logits, logits, rtol=1e-5, atol=1e-5)
+    d_model = model.config.d_model
+    assert param_count(wide) - param_count(model) == model.num_layers * 3 * d_model * 96
+    with pytest.raises(ValueError, match="mlp_dim"):
+        widen_mlp(model, model.config.mlp_dim - 1)

@@ -20,6 +20,7 @@ from rtdlm.models.transformer import (
     model_to_bytes,
     param_count,
     save_model,
+    widen_mlp,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "model_to_bytes",
     "param_count",
     "save_model",
+    "widen_mlp",
 ]

@@ -464,6 +464,37 @@ def param_count(model: Transformer) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def widen_mlp(model: Transformer, mlp_dim: int) -> Transformer:
+    """The same function with a wider MLP: extra hidden units whose weights are all zero.
+
+    Every block's gate and up projections gain zero columns and its down projection zero
+    rows, so the extra units output act(0) * 0 = 0 and the logits stay the model's (up to
+    the float rounding of a longer matmul), while every step reads the wider weights. The
+    speculative benchmark uses it to turn the small bundled target into a memory-bound one
+    with the same acceptance rates (`benchmarks/speculative.py --memory-bound`).
+    """
+    config = model.config
+    if mlp_dim < config.mlp_dim:
+        raise ValueError(f"mlp_dim must be >= the model's ({config.mlp_dim}), got {mlp_dim}")
+    extra = mlp_dim - config.mlp_dim
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for block in params["blocks"].values():
+        up, down = block["mlp"]["up"]["kernel"], block["mlp"]["down"]["kernel"]  # [D, 2F], [F, D]
+        new_columns = jnp.zeros((up.shape[0], extra), up.dtype)
+        parts = jnp.split(up, 2, axis=1) if config.mlp_type == "swiglu" else [up]  # gate | up
+        block["mlp"]["up"]["kernel"] = jnp.concatenate(
+            [x for part in parts for x in (part, new_columns)], axis=1
+        )
+        new_rows = jnp.zeros((extra, down.shape[1]), down.dtype)
+        block["mlp"]["down"]["kernel"] = jnp.concatenate([down, new_rows])
+    wide_config = dataclasses.replace(config, mlp_dim=mlp_dim)
+    wide = nnx.eval_shape(lambda: Transformer(wide_config, rngs=nnx.Rngs(0)))
+    state = nnx.state(wide, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(wide, state)
+    return wide
+
+
 def model_to_bytes(model: Transformer, dtype: str | None = "float16", metadata=None) -> bytes:
     """Serialises config + parameters (+ optional metadata) into one msgpack blob.
 

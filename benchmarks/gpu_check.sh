@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU checks as one script for a lent device machine (the image has jax[cuda], flax,
+# chex, optax and torch; nothing is installed). Writes JSON (and plots, where matplotlib
+# exists) to $OUT, default benchmarks/results. About 10 minutes on one H100/H200.
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+set -u
+out=${OUT:-benchmarks/results}
+py=${PYTHON:-python}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1
+# Sampler vs full-sort JAX chains and PyTorch's sort fallback; sampling overhead in a decode step.
+timeout 150 "$py" benchmarks/sampler.py --out "$out/sampler-gpu.json"
+timeout 120 "$py" benchmarks/decode.py --out "$out/decode-gpu.json"
+# Speculative decoding on a memory-bound target (the bundled one widened to 1B parameters).
+timeout 200 "$py" benchmarks/speculative.py --memory-bound 1e9 --batches 1,16 \
+    --out "$out/speculative-memory-bound-gpu.json"
+timeout 120 "$py" benchmarks/speculative.py --self --memory-bound 1e9 --exit-layers 1,2,4 \
+    --out "$out/self-speculative-memory-bound-gpu.json"
