@@ -326,6 +326,11 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--ks",
+        type=lambda t: [int(x) for x in t.split(",")],
+        help="draft lengths K to run (default 1..8, 1..6 with --self)",
+    )
+    parser.add_argument(
         "--memory-bound",
         type=float,
         metavar="PARAMS",
@@ -345,7 +350,8 @@ def main(argv=None):
         ks, batches, exits, new_tokens, repeats = [1, 2], [1, 2], [1], 8, 1
     else:
         target, draft = load_model("target"), load_model("draft")
-        ks, batches, new_tokens, repeats = list(range(1, 9)), args.batches, args.new_tokens, args.repeats
+        ks = args.ks or list(range(1, 7 if args.self_spec else 9))
+        batches, new_tokens, repeats = args.batches, args.new_tokens, args.repeats
         exits = [e for e in args.exit_layers if 1 <= e < target.num_layers]
     trained_params = param_count(target)
     if args.memory_bound:
@@ -356,7 +362,6 @@ def main(argv=None):
     suffix = f"{name}-{env['device_slug']}{'-quick' if args.quick else ''}"
     out = Path(args.out or f"benchmarks/results/{suffix}.json")
     if args.self_spec:
-        ks = ks if args.quick else list(range(1, 7))
         rows = self_rows(target, exits, ks, new_tokens, repeats)
         best = max(rows, key=lambda r: r["speedup"])
         sharing = sharing_rows(target, best["exit_layer"], best["K"], new_tokens, repeats)
