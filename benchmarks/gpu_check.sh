@@ -9,7 +9,7 @@ py=${PYTHON:-python}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1
 # Sampler vs full-sort JAX chains and PyTorch's sort fallback; sampling overhead in a decode step.
-timeout 150 "$py" benchmarks/sampler.py --out "$out/sampler-gpu.json"
+timeout 150 "$py" benchmarks/sampler.py --shapes 8x32000,64x128256 --out "$out/sampler-gpu.json"
 timeout 120 "$py" benchmarks/decode.py --out "$out/decode-gpu.json"
 # Speculative decoding on a memory-bound target (the bundled one widened to 1B parameters).
 # (a few K values: each program compiles separately, and the device time is short)
