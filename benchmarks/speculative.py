@@ -103,25 +103,21 @@ def verify_costs(drafting, models, target, ks, batch, repeats, steps=32, cache_l
     one = jnp.zeros((batch, 1), jnp.int32)
     vocab = target.vocab_size
 
-    def scanned(call, width):
-        @jax.jit
-        def run(models):
-            caches = drafting.prefill(models, one, one, cache_length)[1]
+    def scanned(operand, init_caches, call, width):
+        """`steps` calls of call(operand, caches, tokens [B, width], positions) in one scan;
+        the operand (models) is traced, as in the decoders, not baked in as constants."""
 
+        @jax.jit
+        def run(operand):
             def step(caches, t):  # inputs depend on t, so XLA cannot hoist the pass
                 tokens = jnp.broadcast_to((t + jnp.arange(width)) % vocab, (batch, width))
                 positions = jnp.broadcast_to(16 + jnp.arange(width), (batch, width))
-                logits, caches = call(models, caches, tokens, positions)
+                logits, caches = call(operand, caches, tokens, positions)
                 return caches, jnp.argmax(logits[:, -1], axis=-1)
 
-            return jnp.sum(jax.lax.scan(step, caches, jnp.arange(steps))[1])
+            return jnp.sum(jax.lax.scan(step, init_caches(operand), jnp.arange(steps))[1])
 
-        return functools.partial(run, models)
-
-    def target_step(models, caches, tokens, positions):
-        cache = caches[0] if isinstance(drafting, DraftModel) else caches
-        logits, cache = target(tokens, positions, cache)
-        return logits, (cache, caches[1]) if isinstance(drafting, DraftModel) else cache
+        return functools.partial(run, operand)
 
     def verify(k):
         def call(models, caches, tokens, positions):
@@ -130,14 +126,23 @@ def verify_costs(drafting, models, target, ks, batch, repeats, steps=32, cache_l
             saved = jax.tree.map(lambda a: jnp.zeros((k, *a.shape), a.dtype), one_step[2])
             return drafting.verify(models, caches, tokens, positions, saved)
 
-        return scanned(call, k + 1)
+        def prefilled_caches(models):
+            return drafting.prefill(models, one, one, cache_length)[1]
 
-    programs = {"step": scanned(target_step, 1), **{f"K={k}": verify(k) for k in ks}}
+        return scanned(models, prefilled_caches, call, k + 1)
+
+    target_step = scanned(
+        target,
+        lambda model: model.init_cache(batch, cache_length),
+        lambda model, cache, tokens, positions: model(tokens, positions, cache),
+        1,
+    )
+    programs = {"step": target_step, **{f"K={k}": verify(k) for k in ks}}
     for program in programs.values():
         jax.block_until_ready(program())
     seconds = time_interleaved(programs, repeats)
-    step = float(np.median(seconds["step"]))
-    return {k: float(np.median(seconds[f"K={k}"])) / step for k in ks}
+    step_seconds = float(np.median(seconds["step"]))
+    return {k: float(np.median(seconds[f"K={k}"])) / step_seconds for k in ks}
 
 
 def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats, costs):
