@@ -16,7 +16,7 @@ after the first E blocks (LayerSkip-style early exit).
 KV cache: a tuple over layers of `(keys [B*H, Dh, S], values [B*H, S, Dh])`
 (batch and heads merged, keys transposed: the layouts the attention matmuls read
 as they are, so the decode step updates the cache in place and never copies it).
-A call writes row b's token t into slot `positions[b, t]` (a scatter, so rows may sit
+A call writes row b's token t into slot `positions[b, t]` (per row, so rows may sit
 at different positions) and a query at position p attends to slots `<= p`
 only (and, with a sliding `attention_window` W, to slots `> p - W`). Slots
 beyond a row's position are ignored and later overwritten, so rolling back
