@@ -14,8 +14,9 @@ For each K (drafts per round), batch size and sampling mode it reports:
             timed alone, many in one scan). The ideal formula assumes v = 1, true where a
             step is bound by reading the weights (a GPU at small batch). On a CPU a (K+1)-row
             matmul costs more than a 1-row one (XLA runs it as a GEMM, not a GEMV), so the
-            benchmark also reports ideal_at_measured_v = tokens_per_round / (K c + v) and the
-            fraction of that reached: what the decode loop itself loses.
+            benchmark also reports ideal_at_measured_v = tokens_per_round / (K c + v), the
+            fraction of that reached (what the decode loop itself loses), and the bound
+            (K c + 1) / (K c + v) that v puts on fraction_of_ideal.
 Programs are compiled before timing and timed interleaved in one process.
 
   python benchmarks/speculative.py            # bundled target + 1-layer draft model
@@ -95,6 +96,8 @@ def add_derived(row: dict) -> dict:
     if "verify_cost" in row:
         row["ideal_at_measured_v"] = row["tokens_per_round"] / (k * row["c"] + row["verify_cost"])
         row["fraction_of_ideal_at_measured_v"] = row["speedup"] / row["ideal_at_measured_v"]
+        # The most of the v = 1 ideal any loop can reach at this v: (K c + 1) / (K c + v).
+        row["fraction_of_ideal_bound_at_measured_v"] = row["ideal_at_measured_v"] / row["ideal_speedup"]
     return row
 
 
