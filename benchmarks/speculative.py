@@ -191,9 +191,10 @@ def measure(run_plain, run_draft_alone, runs_spec, batch, new_tokens, repeats, c
     return rows
 
 
-def draft_model_rows(target, draft, ks, batches, new_tokens, repeats):
+def draft_model_rows(target, draft, modes, ks, batches, new_tokens, repeats, on_group=lambda rows: None):
     rows = []
-    for mode, config in MODES.items():
+    for mode in modes:
+        config = MODES[mode]
         for batch in batches:
             prompt, lengths = prompt_batch(batch)
             common = dict(
@@ -211,13 +212,15 @@ def draft_model_rows(target, draft, ks, batches, new_tokens, repeats):
             costs = verify_costs(DraftModel(), (target, draft), target, ks, batch, repeats)
             for row in measure(plain, draft_alone, runs, batch, new_tokens, repeats, costs):
                 rows.append({"mode": mode, **row})
+            on_group(rows)
     return rows
 
 
-def self_rows(model, exits, ks, new_tokens, repeats):
+def self_rows(model, modes, exits, ks, new_tokens, repeats, on_group=lambda rows: None):
     rows = []
     prompt, lengths = prompt_batch(1)
-    for mode, config in MODES.items():
+    for mode in modes:
+        config = MODES[mode]
         common = dict(key=jax.random.key(0), config=config, max_new_tokens=new_tokens, prompt_lengths=lengths)
         for exit_layer in exits:
             print(f"self-speculative, {mode}, exit layer {exit_layer}", flush=True)
@@ -237,6 +240,7 @@ def self_rows(model, exits, ks, new_tokens, repeats):
             costs = verify_costs(EarlyExit(exit_layer, True), model, model, ks, 1, repeats)
             for row in measure(plain, draft_alone, runs, 1, new_tokens, repeats, costs):
                 rows.append({"mode": mode, "exit_layer": exit_layer, **row})
+            on_group(rows)
     return rows
 
 
@@ -334,6 +338,12 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--modes",
+        type=lambda t: t.split(","),
+        default=list(MODES),
+        help=f"sampling modes to run, from {','.join(MODES)}",
+    )
+    parser.add_argument(
         "--ks",
         type=lambda t: [int(x) for x in t.split(",")],
         help="draft lengths K to run (default 1..8, 1..6 with --self)",
@@ -347,6 +357,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     parser.add_argument("--recompute", type=Path, help="re-derive alpha/ideal in a result JSON, replot")
     args = parser.parse_args(argv)
+    if unknown := sorted(set(args.modes) - set(MODES)):
+        parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
     if args.recompute:
         return recompute(args.recompute)
 
@@ -355,7 +367,7 @@ def main(argv=None):
     if args.quick:
         target = create_model("configs/models/tiny.yaml", rngs=0)
         draft = create_model({**_tiny(), "num_layers": 1}, rngs=1)
-        ks, batches, exits, new_tokens, repeats = [1, 2], [1, 2], [1], 8, 1
+        ks, batches, exits, new_tokens, repeats = args.ks or [1, 2], [1, 2], [1], 8, 1
     else:
         target, draft = load_model("target"), load_model("draft")
         ks = args.ks or list(range(1, 7 if args.self_spec else 9))
@@ -369,19 +381,23 @@ def main(argv=None):
     )
     suffix = f"{name}-{env['device_slug']}{'-quick' if args.quick else ''}"
     out = Path(args.out or f"benchmarks/results/{suffix}.json")
+
+    def save_partial(rows):  # a run cut short (e.g. by a device time limit) keeps its rows
+        write_json(out, {"environment": env, "rows": rows, "partial": True})
+
     if args.self_spec:
-        rows = self_rows(target, exits, ks, new_tokens, repeats)
+        rows = self_rows(target, args.modes, exits, ks, new_tokens, repeats, save_partial)
         best = max(rows, key=lambda r: r["speedup"])
         sharing = sharing_rows(target, best["exit_layer"], best["K"], new_tokens, repeats)
         payload = {"environment": env, "rows": rows, "best": best, "layer_sharing": sharing}
         plot_args = (
-            [r for r in rows if r["mode"] == "greedy"],
+            [r for r in rows if r["mode"] == args.modes[0]],
             out.with_suffix(".png"),
-            f"self-speculative (early exit), B=1, greedy - {env['device_slug']}",
+            f"self-speculative (early exit), B=1, {args.modes[0]} - {env['device_slug']}",
             ["exit_layer"],
         )
     else:
-        rows = draft_model_rows(target, draft, ks, batches, new_tokens, repeats)
+        rows = draft_model_rows(target, draft, args.modes, ks, batches, new_tokens, repeats, save_partial)
         payload = {
             "environment": env,
             "rows": rows,

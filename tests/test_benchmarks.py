@@ -1,0 +1,52 @@
+"""Smoke tests: each benchmark script runs end to end in its --quick mode and writes the
+JSON fields the README and notes quote. (They time nothing that is asserted: performance
+is shown by the benchmarks themselves, on a quiet machine.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_benchmark(repo_root, script, *args):
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--quick", *args],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_sampler_benchmark(repo_root, tmp_path):
+    out = tmp_path / "sampler.json"
+    run_benchmark(repo_root, "sampler.py", "--out", str(out))
+    payload = json.loads(out.read_text())
+    assert payload["quick"] and payload["jax_version"] and payload["results"]
+    assert out.with_suffix(".png").exists()
+
+
+def test_decode_benchmark(repo_root, tmp_path):
+    out = tmp_path / "decode.json"
+    run_benchmark(repo_root, "decode.py", "--out", str(out))
+    payload = json.loads(out.read_text())
+    assert payload["generate_vs_python_loop"] and payload["sampling_overhead"]["lm_like_logits"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--self"]], ids=["draft-model", "self-speculative"])
+def test_speculative_benchmark(repo_root, tmp_path, extra):
+    out = tmp_path / "speculative.json"
+    run_benchmark(repo_root, "speculative.py", *extra, "--ks", "2", "--modes", "greedy", "--out", str(out))
+    payload = json.loads(out.read_text())
+    assert "partial" not in payload and payload["rows"]
+    for row in payload["rows"]:
+        assert row["K"] == 2 and row["mode"] == "greedy"
+        assert row["speedup"] > 0 and 0 <= row["alpha"] <= 1 and row["verify_cost"] > 0
+        bound = (row["K"] * row["c"] + 1) / (row["K"] * row["c"] + row["verify_cost"])
+        assert row["fraction_of_ideal_bound_at_measured_v"] == pytest.approx(bound)
+    assert out.with_suffix(".png").exists()
