@@ -109,6 +109,7 @@ QUICK_SHAPES = ((4, 2000),)
 # method name -> label in the plot
 METHODS = {
     "rtdlm_chain": "rtdlm full chain",
+    "rtdlm_chain_full_vocab": "rtdlm full chain, radix over the whole vocabulary",
     "sort_chain": "full-sort chain (JAX)",
     "rtdlm_top_p": "rtdlm top-p only",
     "sort_top_p": "full-sort top-p (JAX)",
@@ -122,6 +123,8 @@ RATIOS = {  # name -> (numerator method, denominator method)
     "full_chain_sort_over_rtdlm": ("sort_chain", "rtdlm_chain"),
     "top_p_sort_over_rtdlm": ("sort_top_p", "rtdlm_top_p"),
     "rtdlm_chain_over_argmax": ("rtdlm_chain", "argmax"),
+    # > 1: the candidate fast path (lax.top_k) beats searching the whole vocabulary
+    "full_vocab_over_candidates": ("rtdlm_chain_full_vocab", "rtdlm_chain"),
     "rtdlm_top_p_over_argmax": ("rtdlm_top_p", "argmax"),
     "categorical_over_rtdlm_chain": ("categorical_T", "rtdlm_chain"),
     "categorical_over_rtdlm_temperature": ("categorical_T", "rtdlm_temperature"),
@@ -244,6 +247,8 @@ def jax_methods() -> dict[str, tuple[Callable[..., jax.Array], Any]]:
     """method -> (step function, its extra traced operand)."""
     return {
         "rtdlm_chain": (step_rtdlm_chain, CHAIN_CONFIG),
+        # no candidate set: the radix threshold searches run over all V logits
+        "rtdlm_chain_full_vocab": (step_rtdlm_chain, CHAIN_CONFIG.replace(num_candidates=2**31 - 1)),
         "sort_chain": (step_sort_chain, reference_params(chain=True)),
         "rtdlm_top_p": (step_rtdlm_no_history, TOP_P_CONFIG),
         "rtdlm_temperature": (step_rtdlm_no_history, TEMPERATURE_CONFIG),
