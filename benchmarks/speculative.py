@@ -387,28 +387,12 @@ def main(argv=None):
 
     if args.self_spec:
         rows = self_rows(target, args.modes, exits, ks, new_tokens, repeats, save_partial)
-        best = max(rows, key=lambda r: r["speedup"])
+        best = best_row(rows, self_spec=True)
         sharing = sharing_rows(target, best["exit_layer"], best["K"], new_tokens, repeats)
         payload = {"environment": env, "rows": rows, "best": best, "layer_sharing": sharing}
-        plot_args = (
-            [r for r in rows if r["mode"] == args.modes[0]],
-            out.with_suffix(".png"),
-            f"self-speculative (early exit), B=1, {args.modes[0]} - {env['device_slug']}",
-            ["exit_layer"],
-        )
     else:
         rows = draft_model_rows(target, draft, args.modes, ks, batches, new_tokens, repeats, save_partial)
-        payload = {
-            "environment": env,
-            "rows": rows,
-            "best_b1": max((r for r in rows if r["batch"] == 1), key=lambda r: r["speedup"]),
-        }
-        plot_args = (
-            rows,
-            out.with_suffix(".png"),
-            f"speculative decoding, bundled draft - {env['device_slug']}",
-            ["mode", "batch"],
-        )
+        payload = {"environment": env, "rows": rows, "best_b1": best_row(rows, self_spec=False)}
     payload["target"] = {
         "params": param_count(target),
         "trained_params": trained_params,
@@ -420,8 +404,25 @@ def main(argv=None):
     payload["seconds_total"] = time.perf_counter() - start
     write_json(out, payload)  # before plotting: a machine without matplotlib keeps the numbers
     print(f"wrote {out} ({payload['seconds_total']:.0f} s)")
-    plot(*plot_args)
+    plot_result(payload, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.png')}")
+
+
+def best_row(rows, self_spec: bool) -> dict:
+    """The fastest row (self-speculative), or the fastest B=1 row (draft model)."""
+    return max((r for r in rows if self_spec or r["batch"] == 1), key=lambda r: r["speedup"])
+
+
+def plot_result(payload, path: Path):
+    """Speedup vs K: per exit layer for the first mode's rows (self-speculative), else per
+    mode and batch size."""
+    rows, device = payload["rows"], payload["environment"]["device_slug"]
+    if "layer_sharing" in payload:
+        mode = rows[0]["mode"]
+        title = f"self-speculative (early exit), B=1, {mode} - {device}"
+        plot([r for r in rows if r["mode"] == mode], path, title, ["exit_layer"])
+    else:
+        plot(rows, path, f"speculative decoding, bundled draft - {device}", ["mode", "batch"])
 
 
 def recompute(path: Path):
@@ -431,23 +432,9 @@ def recompute(path: Path):
         row.setdefault("acceptance_fraction", row.get("alpha"))
         add_derived(row)
     self_spec = "layer_sharing" in payload
-    if self_spec:
-        payload["best"] = max(payload["rows"], key=lambda r: r["speedup"])
-        plot(
-            [r for r in payload["rows"] if r["mode"] == "greedy"],
-            path.with_suffix(".png"),
-            "self-speculative (early exit), B=1, greedy - cpu",
-            ["exit_layer"],
-        )
-    else:
-        payload["best_b1"] = max((r for r in payload["rows"] if r["batch"] == 1), key=lambda r: r["speedup"])
-        plot(
-            payload["rows"],
-            path.with_suffix(".png"),
-            "speculative decoding, bundled draft - cpu",
-            ["mode", "batch"],
-        )
+    payload["best" if self_spec else "best_b1"] = best_row(payload["rows"], self_spec)
     write_json(path, payload)
+    plot_result(payload, path.with_suffix(".png"))
     print(f"rewrote {path}")
 
 
