@@ -29,21 +29,27 @@ def verify_drafts(
       accept_keys, resample_keys: [B] keys.
       target_probs: [B, K+1, V] p_1..p_{K+1} (p_j scores draft j; p_{K+1} is the bonus).
       draft_probs: [B, K, V] q_1..q_K, the distributions the drafts were drawn from.
-      drafts: [B, K] int32 drafted tokens.
+      drafts: [B, K] int32 drafted tokens. An id outside [0, V) (e.g. -1 padding) is
+        always rejected and never emitted; the token at its position is drawn from p.
 
     Returns:
       num_accepted [B] in [0, K], and next_token [B]: the residual draw after the first
       rejection, or the bonus token when every draft was accepted.
     """
     batch, num_drafts = drafts.shape
-    p_draft = jnp.take_along_axis(target_probs[:, :num_drafts], drafts[..., None], axis=-1)[..., 0]
-    q_draft = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]  # [B, K] > 0
+    vocab = target_probs.shape[-1]
+    in_vocab = (drafts >= 0) & (drafts < vocab)  # [B, K]
+    draft_ids = jnp.clip(drafts, 0, vocab - 1)[..., None]
+    p_draft = jnp.take_along_axis(target_probs[:, :num_drafts], draft_ids, axis=-1)[..., 0]
+    p_draft = jnp.where(in_vocab, p_draft, 0.0)
+    q_draft = jnp.take_along_axis(draft_probs, draft_ids, axis=-1)[..., 0]  # [B, K] > 0
     uniforms = jax.vmap(lambda key: jax.random.uniform(key, (num_drafts,)))(accept_keys)
-    accepted = uniforms * q_draft < p_draft  # probability min(1, p / q)
+    accepted = uniforms * q_draft < p_draft  # probability min(1, p / q); never out of vocabulary
     num_accepted = jnp.sum(jnp.cumprod(accepted, axis=-1), axis=-1)  # leading accepts
 
     # q padded with zeros at index K makes the bonus case the same formula: max(0, p - 0).
-    q_padded = jnp.pad(draft_probs, ((0, 0), (0, 1), (0, 0)))
+    # An out-of-vocabulary draft was not drawn from its q: its residual is p itself.
+    q_padded = jnp.pad(jnp.where(in_vocab[..., None], draft_probs, 0.0), ((0, 0), (0, 1), (0, 0)))
     index = num_accepted[:, None, None]
     p_next = jnp.take_along_axis(target_probs, index, axis=1)[:, 0]  # [B, V]
     q_next = jnp.take_along_axis(q_padded, index, axis=1)[:, 0]

@@ -140,10 +140,21 @@ def draw(keys: jax.Array, weights: jax.Array, vocab: Vocab = LOCAL) -> jax.Array
 
 
 def _first_above(cumulative, target, mass):
-    """First index whose cumulative sum exceeds target, clamped to the last positive mass."""
-    index = jnp.sum(cumulative <= target[:, None], axis=-1)
-    last_positive = mass.shape[-1] - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)
-    return jnp.minimum(index, last_positive)
+    """First index whose cumulative sum exceeds target, moved onto positive mass.
+
+    cumulative, mass: [B, N]; target: [B]. Float rounding can put `target` outside the
+    range the sums cover (below 0 after subtracting a rounded prefix, past the end), and
+    XLA's cumulative sums need not be monotone over zero-mass entries, so the search may
+    land on a zero-mass index. By construction the result never does (if the row has any
+    mass): it is the first positive-mass index at or after the search's, else the last
+    positive-mass index.
+    """
+    index = jnp.sum(cumulative <= target[:, None], axis=-1)  # [B]
+    ids = jnp.arange(mass.shape[-1])[None]
+    positive = mass > 0
+    at_or_after = jnp.min(jnp.where(positive & (ids >= index[:, None]), ids, mass.shape[-1]), axis=-1)
+    last_positive = jnp.max(jnp.where(positive, ids, 0), axis=-1)
+    return jnp.where(at_or_after < mass.shape[-1], at_or_after, last_positive)
 
 
 def _inverse_cdf(u, weights):
