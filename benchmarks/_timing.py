@@ -212,6 +212,29 @@ def load_average() -> list[float] | None:
         return None
 
 
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCHMARKS_DIR / "results"  # committed: the results the README quotes
+RUNS_DIR = BENCHMARKS_DIR.parent / "runs" / "benchmarks"  # git-ignored: the default
+
+
+def add_output_arguments(parser) -> None:
+    """`--out PATH` and `--save-results`, read by `output_path`."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON path, plots beside it (default: runs/benchmarks/NAME.json)")
+    parser.add_argument("--save-results", action="store_true",
+                        help="write to benchmarks/results/ (the committed results the README "
+                             "quotes) instead of runs/benchmarks/")
+
+
+def output_path(args, filename: str) -> Path:
+    """Where a result goes: `--out`, else `filename` in benchmarks/results/ with
+    `--save-results`, else in the git-ignored runs/benchmarks/, so that a plain run never
+    overwrites a committed result."""
+    if args.out is not None:
+        return Path(args.out)
+    return (RESULTS_DIR if args.save_results else RUNS_DIR) / filename
+
+
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Writes `payload` as indented JSON, creating the parent folder."""
     path = Path(path)

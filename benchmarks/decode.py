@@ -13,7 +13,8 @@
    sizes) and with uniform logits (zero head), the filters' worst case: every token ties,
    so the chain takes its full-vocabulary path.
 
-Usage: python benchmarks/decode.py [--quick] [--out benchmarks/results/decode-<device>.json]
+Usage: python benchmarks/decode.py [--quick] [--out PATH | --save-results]
+(default output: runs/benchmarks/decode-<device>.json; --save-results: benchmarks/results/)
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._timing import environment, ratio, summarize, time_interleaved, write_json  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    add_output_arguments,
+    environment,
+    output_path,
+    ratio,
+    summarize,
+    time_interleaved,
+    write_json,
+)
 from rtdlm.decoding import generate  # noqa: E402
 from rtdlm.decoding.loop import add_tokens, prompt_history  # noqa: E402
 from rtdlm.models import create_model, encode, load_model  # noqa: E402
@@ -220,7 +229,7 @@ def main(argv=None):
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=None)
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
 
     synthetic = dict(d_model=512, num_layers=6, num_heads=8, mlp_dim=1408, attention_window=None)
@@ -238,7 +247,7 @@ def main(argv=None):
         }
         print(f"total {time.perf_counter() - start:.0f} s")
     env = environment()
-    out = args.out or f"benchmarks/results/decode-{env['device_slug']}{'-quick' if args.quick else ''}.json"
+    out = output_path(args, f"decode-{env['device_slug']}{'-quick' if args.quick else ''}.json")
     write_json(out, {"environment": env, "generate_vs_python_loop": gen, "sampling_overhead": overhead})
     print(f"wrote {out}")
 

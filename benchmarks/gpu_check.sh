@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks as one script for a lent device machine (the image has jax[cuda], flax,
 # chex, optax and torch; nothing is installed). Writes JSON (and plots, where matplotlib
-# exists) to $OUT, default benchmarks/results. At most 10 minutes on one H100/H200.
+# exists) to $OUT, default runs/benchmarks/gpu (git-ignored); OUT=benchmarks/results
+# refreshes the committed results. At most 10 minutes on one H100/H200.
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # The open speculative checks run first; they save their rows after each group, so a run
 # cut short by the device time limit still leaves numbers.
 set -u
-out=${OUT:-benchmarks/results}
+out=${OUT:-runs/benchmarks/gpu}
 py=${PYTHON:-python}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1

@@ -40,8 +40,9 @@ thing.
 Usage:
   .venv/bin/python benchmarks/sampler.py                       # default shapes for the device
   .venv/bin/python benchmarks/sampler.py --shapes 32x32000 --steps 20 --repeats 7
-  .venv/bin/python benchmarks/sampler.py --quick               # seconds; writes under /tmp
-Writes `benchmarks/results/sampler-<device>.json` and a `.png` beside it.
+  .venv/bin/python benchmarks/sampler.py --quick               # seconds
+Writes `runs/benchmarks/sampler-<device>.json` (`-quick.json` with --quick) and a `.png`
+beside it; `--save-results` writes to the committed `benchmarks/results/` instead.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ import argparse
 import functools
 import json
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,9 +70,11 @@ import numpy as np
 from jax import lax
 
 from benchmarks._timing import (
+    add_output_arguments,
     device_slug,
     environment,
     load_average,
+    output_path,
     ratio,
     scan_program,
     summarize,
@@ -527,9 +529,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="sampling steps inside one compiled scan (default 20 CPU, 50 else)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per method; the median is reported (default 5 CPU, 20)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/sampler-<device>.json; "
-                             "with --quick, a temporary folder); the plot goes beside it")
+    add_output_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run in seconds: one tiny shape, 2 steps, 2 repeats")
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
@@ -544,12 +544,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         shapes = args.shapes or list(QUICK_SHAPES)
         steps, repeats = args.steps or 2, args.repeats or 2
-        out = args.out or Path(tempfile.mkdtemp(prefix="rtdlm-bench-")) / f"sampler-{slug}.json"
+        out = output_path(args, f"sampler-{slug}-quick.json")
     else:
         shapes = args.shapes or list(DEFAULT_SHAPES[kind])
         steps = args.steps or (20 if kind == "cpu" else 50)
         repeats = args.repeats or (5 if kind == "cpu" else 20)
-        out = args.out or Path(__file__).resolve().parent / "results" / f"sampler-{slug}.json"
+        out = output_path(args, f"sampler-{slug}.json")
     distributions = [d.strip() for d in args.distributions.split(",") if d.strip()]
     unknown = sorted(set(distributions) - set(DISTRIBUTIONS))
     if unknown or not distributions:

@@ -28,7 +28,9 @@ def main(argv=None):
     parser.add_argument("--shape", default="64x128256")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="result JSON path (default: runs/benchmarks/NAME.json)")
+    parser.add_argument("--save-results", action="store_true",
+                        help="write to the committed benchmarks/results/ instead of runs/benchmarks/")
     args = parser.parse_args(argv)
     if "jax" not in sys.modules:  # host devices must be requested before JAX starts
         os.environ["XLA_FLAGS"] = (
@@ -41,7 +43,15 @@ def main(argv=None):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from benchmarks._timing import environment, ratio, scan_program, summarize, time_interleaved, write_json
+    from benchmarks._timing import (
+        environment,
+        output_path,
+        ratio,
+        scan_program,
+        summarize,
+        time_interleaved,
+        write_json,
+    )
     from rtdlm.sampling import SamplingConfig, sample
     from rtdlm.sharding import sharded_sample
 
@@ -94,7 +104,7 @@ def main(argv=None):
             f"device  same tokens: {row['same_tokens_as_single_device']}"
         )
     env = environment()
-    out = args.out or f"benchmarks/results/sampler-sharded-{env['device_slug']}-{len(devices)}dev.json"
+    out = output_path(args, f"sampler-sharded-{env['device_slug']}-{len(devices)}dev.json")
     write_json(
         out,
         {

@@ -42,7 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._timing import environment, summarize, time_interleaved, write_json  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    add_output_arguments,
+    environment,
+    output_path,
+    summarize,
+    time_interleaved,
+    write_json,
+)
 from rtdlm.decoding import generate, self_speculative_generate, speculative_generate  # noqa: E402
 from rtdlm.decoding.self_speculative import EarlyExit  # noqa: E402
 from rtdlm.decoding.speculative import DraftModel  # noqa: E402
@@ -354,7 +361,7 @@ def main(argv=None):
         metavar="PARAMS",
         help="widen the target with zero weights to at least PARAMS parameters (e.g. 1e9)",
     )
-    parser.add_argument("--out", default=None)
+    add_output_arguments(parser)
     parser.add_argument("--recompute", type=Path, help="re-derive alpha/ideal in a result JSON, replot")
     args = parser.parse_args(argv)
     if unknown := sorted(set(args.modes) - set(MODES)):
@@ -380,7 +387,7 @@ def main(argv=None):
         "-memory-bound" if args.memory_bound else ""
     )
     suffix = f"{name}-{env['device_slug']}{'-quick' if args.quick else ''}"
-    out = Path(args.out or f"benchmarks/results/{suffix}.json")
+    out = output_path(args, f"{suffix}.json")
 
     def save_partial(rows):  # a run cut short (e.g. by a device time limit) keeps its rows
         write_json(out, {"environment": env, "rows": rows, "partial": True})

@@ -50,3 +50,21 @@ def test_speculative_benchmark(repo_root, tmp_path, extra):
         bound = (row["K"] * row["c"] + 1) / (row["K"] * row["c"] + row["verify_cost"])
         assert row["fraction_of_ideal_bound_at_measured_v"] == pytest.approx(bound)
     assert out.with_suffix(".png").exists()
+
+
+def test_results_go_to_runs_unless_saved_explicitly(repo_root):
+    """A plain benchmark run never overwrites the committed benchmarks/results/."""
+    import argparse
+
+    from benchmarks._timing import add_output_arguments, output_path
+
+    parser = argparse.ArgumentParser()
+    add_output_arguments(parser)
+    default = output_path(parser.parse_args([]), "sampler-cpu.json")
+    assert default == repo_root / "runs" / "benchmarks" / "sampler-cpu.json"
+    saved = output_path(parser.parse_args(["--save-results"]), "sampler-cpu.json")
+    assert saved == repo_root / "benchmarks" / "results" / "sampler-cpu.json"
+    assert output_path(parser.parse_args(["--out", "x/y.json"]), "sampler-cpu.json").as_posix() == "x/y.json"
+    for script in ("sampler.py", "decode.py", "speculative.py", "sharded_sampler.py"):
+        source = (repo_root / "benchmarks" / script).read_text()
+        assert "output_path(args," in source and '"benchmarks/results/' not in source, script
