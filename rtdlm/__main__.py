@@ -1,22 +1,117 @@
-"""Command line: `python -m rtdlm {generate,train,bench}`.
+r"""Command line: python -m rtdlm {generate,train,bench}
 
-python -m rtdlm generate --prompt 'def fib(n):\n    ' --preset balanced --max-new-tokens 200
-python -m rtdlm generate --prompt 'import os\n' --speculative draft --num-speculative-tokens 4
-python -m rtdlm train --config configs/models/target.yaml
-python -m rtdlm bench sampler --quick
+examples:
+  python -m rtdlm generate --prompt 'def fib(n):\n    ' --preset balanced --max-new-tokens 200
+  python -m rtdlm generate --prompt 'import os\n' --speculative draft --num-speculative-tokens 4
+  python -m rtdlm generate --prompt 'class Parser:\n' --speculative self --early-exit-layer 2
+  python -m rtdlm train --config configs/models/tiny.yaml      # seconds; writes runs/tiny/
+  python -m rtdlm train --config configs/models/target.yaml    # about an hour on 2 CPU cores
+  python -m rtdlm bench sampler --quick                        # writes runs/benchmarks/
+
+`python -m rtdlm COMMAND --help` describes each command. Input errors are reported in one
+line, with exit status 2, before JAX starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import json
+import logging
+import math
 import runpy
 import sys
 import time
 from pathlib import Path
 
-_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+_PACKAGE = Path(__file__).resolve().parent
+_WEIGHTS = _PACKAGE / "models" / "weights"  # = rtdlm.models.transformer.WEIGHTS_DIR, without importing JAX
+_BENCHMARKS = _PACKAGE.parent / "benchmarks"
 _BENCHMARK_NAMES = ("sampler", "decode", "speculative")
+_PRESETS = ("creative", "precise", "balanced", "deterministic")
+_USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error in one line that names the (sub)command and its --help."""
+
+    def error(self, message):
+        message = " ".join(str(message).split())
+        self.exit(_USAGE_ERROR, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
+def _number(kind, minimum=None, maximum=None, *, above=None, name="a number"):
+    """An argparse type: `kind(text)` within the given bounds, else a one-line error."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum) or (
+            above is not None and value <= above
+        ):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, name="an integer >= 1")
+_non_negative_int = _number(int, 0, name="an integer >= 0")
+
+
+# ----------------------------------------------------------------------------
+# generate
+
+
+def _model_file(name_or_path: str) -> Path | None:
+    """The checkpoint file `rtdlm.models.load_model(name_or_path)` would read, or None."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = _WEIGHTS / f"{name_or_path}.msgpack"
+    return bundled if bundled.is_file() else None
+
+
+def _model_num_layers(path: Path) -> int:
+    """`num_layers` from a checkpoint's stored config, read without loading its weights."""
+    import msgpack  # a flax dependency; reads the file's leading config, not the weights
+
+    with open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False)
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == "config":
+                return int(unpacker.unpack()["num_layers"])
+            unpacker.skip()
+    raise ValueError("no model config in the file")
+
+
+def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
+    """Every check that needs no JAX; `parser.error` exits with one line."""
+    if not args.prompt:
+        parser.error("--prompt is empty: give the text the model should continue, e.g. --prompt 'def '")
+    bundled = ", ".join(sorted(p.stem for p in _WEIGHTS.glob("*.msgpack")))
+    models = [("--model", args.model)]
+    if args.speculative == "draft":
+        models.append(("--draft-model", args.draft_model))
+    for flag, name in models:
+        if _model_file(name) is None:
+            parser.error(f"{flag} {name!r}: no such checkpoint file and no bundled model of that name "
+                         f"(bundled: {bundled})")
+    if args.speculative == "self":
+        path = _model_file(args.model)
+        try:
+            num_layers = _model_num_layers(path)
+        except Exception as error:  # any failure to read it means it is not a model file
+            parser.error(f"--model {args.model!r}: {path} is not an rtdlm model file ({error})")
+        if not 1 <= args.early_exit_layer < num_layers:
+            parser.error(
+                f"--early-exit-layer must be in 1..{num_layers - 1} for --model {args.model!r} "
+                f"({num_layers} layers), got {args.early_exit_layer}"
+            )
 
 
 def _sampling_config(args):
@@ -36,6 +131,25 @@ def _sampling_config(args):
     return config.replace(**overrides)
 
 
+class _Stream:
+    """Prints row 0's bytes as they arrive; silent while `printing` is off (the warm-up run).
+
+    One object for both runs: `generate` takes the callback as a static argument, so the
+    timed run reuses the warm-up run's compiled program.
+    """
+
+    def __init__(self):
+        self.printing = False
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, step, tokens):
+        if self.printing:
+            print(self.decoder.decode(bytes([int(tokens[0]) & 0xFF])), end="", flush=True)
+
+    def finish(self):
+        print(self.decoder.decode(b"", final=True))
+
+
 def _generate(args) -> int:
     import jax
     import numpy as np
@@ -43,121 +157,251 @@ def _generate(args) -> int:
     from rtdlm.decoding import generate, self_speculative_generate, speculative_generate
     from rtdlm.models import EOS_ID, decode, encode, load_model
 
-    args.prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     config = _sampling_config(args)
     model = load_model(args.model)
     prompt = np.tile(encode(args.prompt)[None], (args.batch, 1))
-    key = jax.random.key(args.seed)
     common = dict(
-        key=key,
+        key=jax.random.key(args.seed),
         config=config,
         max_new_tokens=args.max_new_tokens,
         eos_token_id=EOS_ID if args.stop_at_eos else None,
     )
-    print(args.prompt, end="", flush=True)
-
     if args.speculative == "none":
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        first_token_at = []
-
-        def stream(step, tokens):  # row 0, as bytes arrive
-            if not first_token_at:
-                first_token_at.append(time.perf_counter())
-            print(decoder.decode(bytes([int(tokens[0]) & 0xFF])), end="", flush=True)
-
-        start = time.perf_counter()
-        out = generate(model, prompt, stream=stream, **common)
-        jax.block_until_ready(out.tokens)
-        end = time.perf_counter()
-        print(decoder.decode(b"", final=True))
-        steady = end - first_token_at[0]
-        new_tokens = int(np.asarray(out.lengths).sum())
-        print(
-            f"\n[{new_tokens} tokens ({args.batch} rows): "
-            f"{(new_tokens - args.batch) / max(steady, 1e-9):.1f} "
-            f"tokens/s after the first token; compile + prefill {first_token_at[0] - start:.2f} s]"
+        stream = _Stream()
+        run = lambda: generate(model, prompt, stream=stream, **common)
+        what = ""
+    elif args.speculative == "draft":
+        draft = load_model(args.draft_model)
+        run = lambda: speculative_generate(
+            model, draft, prompt, num_speculative_tokens=args.num_speculative_tokens, **common
         )
+        what = f"draft model {args.draft_model!r}"
     else:
-        if args.speculative == "draft":
-            run = lambda: speculative_generate(
-                model,
-                load_model(args.draft_model),
-                prompt,
-                num_speculative_tokens=args.num_speculative_tokens,
-                **common,
-            )
-        else:
-            run = lambda: self_speculative_generate(
-                model,
-                prompt,
-                early_exit_layer=args.early_exit_layer,
-                num_speculative_tokens=args.num_speculative_tokens,
-                **common,
-            )
-        jax.block_until_ready(run().tokens)  # compile
-        start = time.perf_counter()
-        out = run()
-        jax.block_until_ready(out.tokens)
-        seconds = time.perf_counter() - start
+        run = lambda: self_speculative_generate(
+            model,
+            prompt,
+            early_exit_layer=args.early_exit_layer,
+            num_speculative_tokens=args.num_speculative_tokens,
+            **common,
+        )
+        what = f"early exit at layer {args.early_exit_layer}"
+
+    start = time.perf_counter()
+    jax.block_until_ready(run().tokens)  # compiles; the timed run below reuses the program
+    compile_seconds = time.perf_counter() - start
+    print(args.prompt, end="", flush=True)
+    if args.speculative == "none":
+        stream.printing = True
+    start = time.perf_counter()
+    out = run()
+    jax.block_until_ready(out.tokens)
+    seconds = time.perf_counter() - start
+    if args.speculative == "none":
+        stream.finish()
+    else:
         print(decode(np.asarray(out.tokens[0, : int(out.lengths[0])])))
-        new_tokens = int(np.asarray(out.lengths).sum())
-        accepted = float(np.asarray(out.num_accepted).sum() / max(1, np.asarray(out.num_drafted).sum()))
-        print(
-            f"\n[{new_tokens} tokens ({args.batch} rows): {new_tokens / seconds:.1f} tokens/s, "
-            f"{args.speculative} drafts accepted {accepted:.0%} (compile excluded)]"
-        )
+    new_tokens = int(np.asarray(out.lengths).sum())
+    summary = (
+        f"{new_tokens} tokens ({args.batch} row{'s' if args.batch > 1 else ''}) in {seconds:.2f} s: "
+        f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s, prefill included, compile excluded "
+        f"(first run {compile_seconds:.1f} s)"
+    )
+    if args.speculative != "none":
+        accepted = np.asarray(out.num_accepted).sum() / max(1, np.asarray(out.num_drafted).sum())
+        summary += f"; drafts accepted {accepted:.0%} ({what})"
+    print(f"\n[{summary}]")
     for row in range(1, args.batch):
-        print(
-            f"--- row {row} ---\n{args.prompt}{decode(np.asarray(out.tokens[row, : int(out.lengths[row])]))}"
-        )
+        text = decode(np.asarray(out.tokens[row, : int(out.lengths[row])]))
+        print(f"--- row {row} ---\n{args.prompt}{text}")
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+# ----------------------------------------------------------------------------
+# train
+
+
+def _read_train_config(parser: argparse.ArgumentParser, args) -> dict:
+    """The YAML file's contents, checked as far as that needs no JAX."""
+    import yaml
+
+    path = Path(args.config)
+    if not path.is_file():
+        parser.error(f"--config {args.config!r}: no such file (the configs are configs/models/*.yaml)")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        parser.error(f"--config {args.config!r}: not a readable YAML file ({error})")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        parser.error(f"--config {args.config!r}: needs a 'model:' section (see configs/models/*.yaml)")
+    if args.export_bundled and not config.get("bundled_export"):
+        parser.error(f"--export-bundled: {args.config!r} names no 'bundled_export:' path")
+    return config
+
+
+def _train(parser: argparse.ArgumentParser, args) -> int:
+    config = _read_train_config(parser, args)
+    from rtdlm.models import train as train_lib
+
+    try:
+        train_lib.check_config(config)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--config {args.config!r}: {error}")
+    result = train_lib.train(
+        config,
+        output_dir=args.output_dir,
+        steps=args.steps,
+        resume=args.resume,
+        export=args.export,
+        export_bundled=args.export_bundled,
+        progress=not args.no_progress,
+    )
+    final = result.log["final"]
+    print(json.dumps({
+        "name": result.log["name"],
+        "output_dir": result.log["output_dir"],
+        "val_bpb": final["val_bpb"],
+        "val_bpb_per_exit": final["val_bpb_per_exit"],
+        "train_wall_time_s": round(result.log["train_wall_time_s"], 1),
+    }))
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# bench
+
+
+def _bench(parser: argparse.ArgumentParser, name: str, options: list[str]) -> int:
+    script = _BENCHMARKS / f"{name}.py"
+    if not script.is_file():
+        parser.error(f"{script} not found: the benchmarks live in a source checkout of rtdlm")
+    sys.argv = [str(script), *options]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current `sys.stderr` (rich's progress bar swaps it while it draws)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _show_library_logs() -> None:
+    """The library logs to `logging.getLogger("rtdlm")`; the CLI shows its INFO lines."""
+    logger = logging.getLogger("rtdlm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[%(module)s] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # a dependency's logging.basicConfig() would print every line twice
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = _Parser(
         prog="python -m rtdlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,train,bench}")
 
-    gen = commands.add_parser("generate", help="generate text with the bundled byte-level model")
-    gen.add_argument("--prompt", default="def fib(n):\\n    ", help=r"text to continue (\n, \t are escapes)")
-    gen.add_argument("--preset", choices=["creative", "precise", "balanced", "deterministic"])
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--min-p", type=float)
-    gen.add_argument("--repetition-penalty", type=float)
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--batch", type=int, default=1)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--model", default="target", help="bundled model name or checkpoint path")
-    gen.add_argument("--speculative", choices=["none", "draft", "self"], default="none")
-    gen.add_argument("--draft-model", default="draft")
-    gen.add_argument("--early-exit-layer", type=int, default=2)
-    gen.add_argument("--num-speculative-tokens", type=int, default=4)
-    gen.add_argument("--stop-at-eos", action="store_true", help="stop a row at the end-of-document byte")
+    gen = commands.add_parser(
+        "generate",
+        help="generate text with the bundled byte-level model",
+        description="Continue a prompt with the bundled model (plain, draft-model speculative or "
+        "early-exit self-speculative decoding) and report tokens/s.",
+    )
+    gen.add_argument("--prompt", default=r"def fib(n):\n    ",
+                     help=r"text to continue; \n and \t are read as escapes "
+                          r"(default: 'def fib(n):\n' and 4 spaces)")
+    gen.add_argument("--preset", choices=_PRESETS,
+                     help="sampling preset; the options below override its values "
+                          "(default: SamplingConfig(), i.e. temperature 1.0, no filters)")
+    gen.add_argument("--temperature", type=_number(float, 0, name="a number >= 0"),
+                     help="0 is greedy (default: the preset's, else 1.0)")
+    gen.add_argument("--top-k", type=_non_negative_int, help="keep the k most probable tokens; 0 is off "
+                                                            "(default: the preset's, else off)")
+    gen.add_argument("--top-p", type=_number(float, maximum=1, above=0, name="a number in (0, 1]"),
+                     help="nucleus: the smallest set with this mass (default: the preset's, else 1.0 = off)")
+    gen.add_argument("--min-p", type=_number(float, 0, 1, name="a number in [0, 1]"),
+                     help="drop tokens below min-p times the top probability "
+                          "(default: the preset's, else 0 = off)")
+    gen.add_argument("--repetition-penalty", type=_number(float, above=0, name="a number > 0"),
+                     help="HF-style penalty on tokens already seen (default: the preset's, else 1.0 = off)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=200,
+                     help="tokens (bytes) to generate per row (default: %(default)s)")
+    gen.add_argument("--batch", type=_positive_int, default=1,
+                     help="rows generated together from the same prompt (default: %(default)s)")
+    gen.add_argument("--seed", type=_non_negative_int, default=0, help="PRNG seed (default: %(default)s)")
+    gen.add_argument("--model", default="target",
+                     help="bundled model name or checkpoint file path (default: %(default)s)")
+    gen.add_argument("--speculative", choices=["none", "draft", "self"], default="none",
+                     help="draft: speculative decoding with --draft-model; self: early exit at "
+                          "--early-exit-layer drafts for the full model (default: %(default)s)")
+    gen.add_argument("--draft-model", default="draft",
+                     help="draft model for --speculative draft (default: %(default)s)")
+    gen.add_argument("--early-exit-layer", type=_positive_int, default=2,
+                     help="draft layer for --speculative self, 1..num_layers-1 (default: %(default)s)")
+    gen.add_argument("--num-speculative-tokens", type=_positive_int, default=4,
+                     help="draft tokens per verification step (default: %(default)s)")
+    gen.add_argument("--stop-at-eos", action="store_true",
+                     help="stop a row at the end-of-document byte (default: generate all tokens)")
 
-    train = commands.add_parser("train", help="train a model (see rtdlm.models.train)", add_help=False)
-    train.add_argument("rest", nargs=argparse.REMAINDER)
-    bench = commands.add_parser("bench", help="run benchmarks/<name>.py", add_help=False)
-    bench.add_argument("name", choices=_BENCHMARK_NAMES)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    train = commands.add_parser(
+        "train",
+        help="train a model from a YAML config (rtdlm.models.train)",
+        description="Train the reference byte-level transformer. Outputs (log.json, loss.png, orbax "
+        "checkpoints, model.msgpack) go to runs/NAME/ or --output-dir; the bundled weights in "
+        "rtdlm/models/weights/ change only with --export-bundled. configs/models/tiny.yaml runs in "
+        "seconds; target.yaml takes about an hour on 2 CPU cores.",
+    )
+    train.add_argument("--config", required=True, help="YAML config, e.g. configs/models/tiny.yaml")
+    train.add_argument("--output-dir", help="run folder (default: the config's output_dir, else runs/NAME)")
+    train.add_argument("--steps", type=_positive_int, help="overrides train.steps (default: the config's)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
+    train.add_argument("--export", metavar="PATH", help="also write a float16 copy of the final model here")
+    train.add_argument("--export-bundled", action="store_true",
+                       help="refresh the bundled float16 weights: write them to the config's "
+                            "bundled_export path (rtdlm/models/weights/NAME.msgpack)")
+    train.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
 
+    bench = commands.add_parser(
+        "bench",
+        help="run benchmarks/NAME.py (source checkout only)",
+        description="Run a benchmark script; the options after NAME are its own (`python -m rtdlm bench "
+        "NAME --help`). Results go to runs/benchmarks/ unless --out PATH or --save-results "
+        "(benchmarks/results/, the committed results the README quotes). --quick is a smoke run.",
+    )
+    bench.add_argument("name", choices=_BENCHMARK_NAMES, help="which benchmark")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="options for benchmarks/NAME.py")
+    return parser, {"generate": gen, "train": train, "bench": bench}
+
+
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:  # its options belong to the trainer's own parser
-        from rtdlm.models.train import train_main
-
-        return train_main(argv[1:])
+    parser, commands = _parser()
     if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in _BENCHMARK_NAMES:
-        sys.argv = [str(_BENCHMARKS / f"{argv[1]}.py"), *argv[2:]]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-        return 0
+        return _bench(commands["bench"], argv[1], argv[2:])  # its --help is the script's
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        try:
-            return _generate(args)
-        except ValueError as error:
-            parser.error(str(error))
+    command = commands[args.command]
+    if args.command == "bench":
+        return _bench(command, args.name, args.options)
+    _show_library_logs()
+    if args.command == "train":
+        return _train(command, args)
+    args.prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    _check_generate_args(command, args)
+    try:
+        return _generate(args)
+    except ValueError as error:  # a value only the library checks (e.g. a preset's override)
+        command.error(str(error))
     return 0
 
 

@@ -1,8 +1,131 @@
-"""The command line on the bundled weights: `python -m rtdlm generate ...`."""
+"""The command line: `python -m rtdlm generate|train|bench ...`."""
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from rtdlm.__main__ import main
+
+# Each bad input, and a word its one-line error must contain.
+BAD_INPUTS = [
+    (["generate", "--batch", "0"], "--batch"),
+    (["generate", "--batch", "two"], "--batch"),
+    (["generate", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["generate", "--num-speculative-tokens", "0"], "--num-speculative-tokens"),
+    (["generate", "--speculative", "self", "--early-exit-layer", "8"], "1..7"),
+    (["generate", "--speculative", "self", "--early-exit-layer", "0"], "--early-exit-layer"),
+    (["generate", "--model", "no-such-model"], "no-such-model"),
+    (["generate", "--speculative", "draft", "--draft-model", "nope"], "--draft-model"),
+    (["generate", "--prompt", ""], "--prompt is empty"),
+    (["generate", "--top-p", "0"], "--top-p"),
+    (["generate", "--temperature", "nan"], "--temperature"),
+    (["generate", "--preset", "wild"], "--preset"),
+    (["train"], "--config"),
+    (["train", "--config", "configs/models/missing.yaml"], "no such file"),
+    (["train", "--config", "configs/models/tiny.yaml", "--steps", "0"], "--steps"),
+    (["train", "--config", "configs/models/tiny.yaml", "--export-bundled"], "bundled_export"),
+    (["bench"], "name"),
+    (["bench", "nope"], "nope"),
+    (["frobnicate"], "frobnicate"),
+]
+
+_RUN_ALL = """
+import contextlib, io, json, sys
+from rtdlm.__main__ import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    results.append({"code": code, "out": out.getvalue(), "err": err.getvalue()})
+print(json.dumps({"results": results, "jax_imported": "jax" in sys.modules}))
+"""
+
+
+@pytest.fixture(autouse=True)
+def restore_rtdlm_logger():
+    """The CLI adds a stderr handler to the "rtdlm" logger; leave no trace in other tests."""
+    logger = logging.getLogger("rtdlm")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(repo_root):
+    """All BAD_INPUTS run in one fresh interpreter, so it shows whether JAX was imported."""
+    argvs = [argv for argv, _ in BAD_INPUTS]
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_ALL, json.dumps(argvs)],
+        cwd=repo_root, capture_output=True, text=True, timeout=120, check=True,
+    )
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize(("index", "expected"), [(i, word) for i, (_, word) in enumerate(BAD_INPUTS)],
+                         ids=[" ".join(argv) or "empty" for argv, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_code_2(bad_input_results, index, expected):
+    result = bad_input_results["results"][index]
+    assert result["code"] == 2
+    assert result["out"] == ""  # nothing echoed (no prompt glued to an error)
+    lines = result["err"].splitlines()
+    assert len(lines) == 1, result["err"]
+    assert expected in lines[0]
+    command = BAD_INPUTS[index][0][0]
+    if command in ("generate", "train", "bench"):  # the subcommand's own name and --help
+        assert lines[0].startswith(f"python -m rtdlm {command}: error: ")
+        assert f"python -m rtdlm {command} --help" in lines[0]
+
+
+def test_bad_inputs_are_found_before_jax_is_imported(bad_input_results):
+    assert not bad_input_results["jax_imported"]
+
+
+def test_bad_train_config_keys_are_one_line(tmp_path, capsys):
+    config = yaml.safe_load(Path("configs/models/tiny.yaml").read_text())
+    config["export"] = "rtdlm/models/weights/tiny.msgpack"  # the old key
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--config", str(path)])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1 and "unknown config keys ['export']" in error
+
+
+def test_help_texts(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert r"--prompt 'def fib(n):\n    ' --preset balanced" in text  # the example, intact
+    assert "configs/models/tiny.yaml" in text
+
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert "sampler" in text and "--save-results" in text
+
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 200)" in text and "(default: target)" in text
+    assert "rows generated together" in text
+
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--export-bundled" in text and "runs/NAME" in text
 
 
 @pytest.mark.parametrize(
@@ -18,17 +141,26 @@ def test_generate_prints_prompt_text_and_speed(capsys, extra):
     assert main(["generate", "--prompt", "def fib(n):", "--max-new-tokens", "12", *extra]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def fib(n):")
-    assert "tokens/s" in out
+    # Both paths time a second run: prefill included, compile excluded.
+    assert "tokens/s, prefill included, compile excluded" in out
+    if "--speculative" in extra:
+        assert "; drafts accepted " in out and "draft drafts" not in out
 
 
-def test_generate_rejects_bad_values(capsys):
-    with pytest.raises(SystemExit):
-        main(["generate", "--max-new-tokens", "0"])
-    assert "max_new_tokens" in capsys.readouterr().err
-
-
-def test_train_subcommand_passes_options_to_the_trainer(tmp_path):
+def test_train_without_matplotlib_and_without_touching_bundled_weights(tmp_path, capsys, monkeypatch):
+    """Training completes without matplotlib (the plot is skipped, and says so), and a config's
+    bundled_export path is written only with --export-bundled."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    config = yaml.safe_load(Path("configs/models/tiny.yaml").read_text())
+    config["bundled_export"] = str(tmp_path / "bundled.msgpack")
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
-    argv = ["train", "--config", "configs/models/tiny.yaml", "--steps", "2", "--output-dir", str(out)]
-    assert main([*argv, "--no-progress"]) == 0
-    assert (out / "log.json").exists()
+    argv = ["train", "--config", str(config_path), "--steps", "2", "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[-1])["output_dir"] == str(out)
+    assert "loss.png skipped: matplotlib is not installed" in captured.err
+    assert (out / "log.json").exists() and (out / "model.msgpack").exists()
+    assert not (out / "loss.png").exists()
+    assert not (tmp_path / "bundled.msgpack").exists()

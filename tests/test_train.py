@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -71,13 +72,37 @@ def test_exit_losses_match_model_exits():
     np.testing.assert_allclose(losses, reference, rtol=1e-5)
 
 
+def test_model_configs_write_runs_not_bundled_weights_by_default():
+    """The configs the README runs name a git-ignored run folder; their bundled_export (the
+    committed weights) is written only with export_bundled."""
+    with open(os.path.join(REPO, ".gitignore")) as f:
+        assert "/runs/" in f.read().split()
+    for name in ("tiny", "draft", "target"):
+        config = train_lib.check_config(os.path.join(REPO, "configs", "models", f"{name}.yaml"))
+        assert config["output_dir"] == f"runs/{name}"
+        assert config.get("bundled_export") in (None, f"rtdlm/models/weights/{name}.msgpack")
+    tracked = subprocess.run(["git", "ls-files", "runs"], cwd=REPO, capture_output=True, text=True)
+    assert tracked.stdout == ""
+
+
+def test_check_config_names_bad_keys():
+    with pytest.raises(ValueError, match="unknown config keys"):
+        train_lib.check_config({"model": {}, "export": "x.msgpack"})
+    with pytest.raises(ValueError, match="unknown train config keys"):
+        train_lib.check_config({"model": {}, "train": {"stepz": 3}})
+    with pytest.raises(ValueError, match="'model:' section"):
+        train_lib.check_config({"train": {}})
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, corpus):
-    """One 20-step run of the tiny config (with a float16 export), shared by the tests."""
+    """One 20-step run of the tiny config (with float16 exports: to a path and, as with
+    --export-bundled, to the config's bundled_export), shared by the tests."""
     out = tmp_path_factory.mktemp("tiny_run")
+    config = {**train_lib.check_config(TINY_YAML), "bundled_export": str(out / "bundled16.msgpack")}
     result = train_lib.train(
-        TINY_YAML, output_dir=str(out), steps=20, progress=False, corpus=corpus,
-        export=str(out / "tiny16.msgpack"),
+        config, output_dir=str(out), steps=20, progress=False, corpus=corpus,
+        export=str(out / "tiny16.msgpack"), export_bundled=True,
     )
     return out, result
 
@@ -94,9 +119,11 @@ def test_tiny_training_run(tiny_run):
     # The eval step sampled text with rtdlm.decoding.generate.
     assert all(e["sample"].startswith("def ") for e in result.log["evals"])
 
-    # Outputs: log, plot, checkpoint, final model, float16 export.
-    for name in ("log.json", "loss.png", "checkpoint.msgpack", "model.msgpack"):
+    # Outputs: log, plot, orbax checkpoint folder, final model, float16 exports.
+    for name in ("log.json", "loss.png", "checkpoints", "model.msgpack", "tiny16.msgpack",
+                 "bundled16.msgpack"):
         assert (out / name).exists(), name
+    assert train_lib.latest_checkpoint_step(out / "checkpoints") == 20
     with open(out / "log.json") as f:
         assert json.load(f)["name"] == "tiny"
 
@@ -110,22 +137,23 @@ def test_checkpoint_and_exports_round_trip(tiny_run):
     np.testing.assert_array_equal(forward(load_model(str(out / "model.msgpack"))), expected)
     _, params = nnx.split(result.model, nnx.Param)
     tx, _ = train_lib.make_optimizer(train_lib.TrainConfig.from_dict({"steps": 20}), params)
-    model, opt_state, step = train_lib.load_checkpoint(
-        str(out / "checkpoint.msgpack"), tx.init(params)
-    )
+    model, opt_state, step = train_lib.load_checkpoint(str(out / "checkpoints"), tx.init(params))
     assert step == 20
     np.testing.assert_array_equal(forward(model), expected)
     assert jax.tree.structure(opt_state) == jax.tree.structure(tx.init(params))
-    exported = load_model(str(out / "tiny16.msgpack"))
-    np.testing.assert_allclose(forward(exported), expected, atol=0.05)
+    assert int(opt_state[1][0].count) == 20  # Adam's step count came back too
+    model_only, no_opt_state, _ = train_lib.load_checkpoint(str(out / "checkpoints"))
+    assert no_opt_state is None
+    np.testing.assert_array_equal(forward(model_only), expected)
+    for name in ("tiny16.msgpack", "bundled16.msgpack"):
+        np.testing.assert_allclose(forward(load_model(str(out / name))), expected, atol=0.05)
 
 
 def test_train_main_cli_resumes(tiny_run, capsys):
     """The CLI resumes the finished tiny run: no steps left, so it only re-evaluates."""
     out, result = tiny_run
     code = train_lib.train_main([
-        "--config", TINY_YAML, "--output-dir", str(out), "--steps", "20", "--resume",
-        "--no-progress", "--export", "",
+        "--config", TINY_YAML, "--output-dir", str(out), "--steps", "20", "--resume", "--no-progress",
     ])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

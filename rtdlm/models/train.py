@@ -2,16 +2,17 @@
 
 Usage::
 
-    python -m rtdlm.models.train --config configs/models/target.yaml
-    python -m rtdlm train --config configs/models/target.yaml      # same, via the CLI
+    python -m rtdlm train --config configs/models/tiny.yaml       # seconds on a CPU
+    python -m rtdlm train --config configs/models/target.yaml     # about an hour on 2 CPU cores
+    python -m rtdlm.models.train --config ...                     # the same
 
-A config file has three sections (see `configs/models/*.yaml`)::
+A config file has these sections (see `configs/models/*.yaml`)::
 
     name: target
     model: {d_model: 256, num_layers: 8, ...}     # TransformerConfig fields
     train: {batch_size: 16, seq_len: 256, ...}    # TrainConfig fields
-    output_dir: runs/target                       # checkpoints, log, plot
-    export: rtdlm/models/weights/target.msgpack   # optional float16 export
+    output_dir: runs/target                       # checkpoints, log, plot (git-ignored)
+    bundled_export: rtdlm/models/weights/target.msgpack   # written only with export_bundled
 
 Loss: next-byte cross-entropy of the last layer plus `exit_loss_weight` times
 the mean cross-entropy of the early exits (`exit_layers`, each read through the
@@ -20,17 +21,22 @@ for self-speculative decoding. Every `eval_every` steps the validation
 bits-per-byte (cross-entropy in nats / ln 2) of every layer's exit is logged
 and a sample is generated under jit with `rtdlm.decoding.generate`.
 
-Outputs in `output_dir`: `checkpoint.msgpack` (float32 parameters, optimizer
-state and step; `--resume` continues from it), `model.msgpack` (final float32
-model, loadable with `rtdlm.models.load_model(path)`), `log.json` and
-`loss.png`.
+Outputs in `output_dir`: `checkpoints/` (an orbax `CheckpointManager` folder: the
+float32 parameters, optimizer state and model config of the latest step; `resume`
+continues from it, `load_checkpoint` reads it), `model.msgpack` (final float32
+model, loadable with `rtdlm.models.load_model(path)`), `log.json` and `loss.png`
+(if matplotlib is installed). A float16 copy of the final model goes to `export`
+if given, and to the config's `bundled_export` path (the committed weights) only
+with `export_bundled=True`.
+
+Progress is logged to `logging.getLogger("rtdlm.models.train")`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -42,20 +48,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from rtdlm.models import data as data_lib
 from rtdlm.models.transformer import (
     Transformer,
+    TransformerConfig,
     create_model,
     load_config,
-    model_from_bytes,
-    model_to_bytes,
+    load_model,
     param_count,
     save_model,
 )
 
 LN2 = math.log(2.0)
+CONFIG_KEYS = ("name", "model", "train", "output_dir", "bundled_export")
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,13 +142,6 @@ def resolve_exit_layers(exit_layers: Any, num_layers: int) -> tuple[int, ...]:
     return layers
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in nats. logits [B, T, V] float32, targets [B, T]."""
-    log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, T, V]
-    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    return -jnp.mean(picked)
-
-
 def exit_losses(
     model: Transformer, inputs: jax.Array, targets: jax.Array, exits: Sequence[int]
 ) -> jax.Array:
@@ -154,7 +156,8 @@ def exit_losses(
     losses, done = [], 0
     for layer in exits:
         hidden, _ = model.run_layers(hidden, positions, None, done, layer)
-        losses.append(cross_entropy(model.logits(hidden), targets))
+        logits = model.logits(hidden)  # [B, T, V]
+        losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean())
         done = layer
     return jnp.stack(losses)
 
@@ -189,48 +192,61 @@ def make_optimizer(config: TrainConfig, params) -> tuple[optax.GradientTransform
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: float32 model bytes + optimizer-state leaves + step.
+# Checkpoints: an orbax CheckpointManager folder holding the latest step's float32
+# parameters, optimizer state and model config.
 
 
-def save_checkpoint(path: str, model: Transformer, opt_state, step: int) -> None:
-    """Writes a resumable checkpoint (atomically: temp file, then rename)."""
-    from flax import serialization
-
-    leaves = jax.tree.leaves(opt_state)
-    payload = {
-        "format": "rtdlm-train-checkpoint-v1",
-        "step": int(step),
-        "model": model_to_bytes(model, dtype=None),
-        "opt_state": {str(i): np.asarray(leaf) for i, leaf in enumerate(leaves)},
-    }
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
+def _checkpoint_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options)
 
 
-def load_checkpoint(path: str, opt_state_template=None):
-    """Returns (model, opt_state or None, step) from `save_checkpoint`'s file.
+def save_checkpoint(directory: str | os.PathLike, model: Transformer, opt_state, step: int) -> None:
+    """Saves a resumable checkpoint of `step` in `directory` (replacing older steps)."""
+    params = nnx.state(model, nnx.Param)
+    with _checkpoint_manager(directory) as manager:
+        if step in manager.all_steps():  # e.g. a resumed run that had no steps left
+            manager.delete(step)
+        manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            config=ocp.args.JsonSave(model.config.to_dict()),
+        ))
+
+
+def latest_checkpoint_step(directory: str | os.PathLike) -> int | None:
+    """The step of the latest checkpoint in `directory`, or None if there is none."""
+    if not os.path.isdir(directory):
+        return None
+    with _checkpoint_manager(directory) as manager:
+        return manager.latest_step()
+
+
+def load_checkpoint(directory: str | os.PathLike, opt_state_template=None, step: int | None = None):
+    """Returns (model, opt_state or None, step) from `save_checkpoint`'s folder.
 
     `opt_state_template` (e.g. `tx.init(params)`) gives the optimizer state's
-    structure; without it only the model and step are restored.
+    structure; without it only the model and step are restored. `step` defaults
+    to the latest one.
     """
-    from flax import serialization
+    with _checkpoint_manager(directory) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no training checkpoint in {directory}")
+        config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        model_config = TransformerConfig.from_dict(config)
+        model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+        items = {"params": ocp.args.StandardRestore(_abstract(nnx.state(model, nnx.Param)))}
+        if opt_state_template is not None:
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_template))
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    nnx.update(model, restored.params)
+    opt_state = restored.opt_state if opt_state_template is not None else None
+    return model, opt_state, int(step)
 
-    with open(path, "rb") as f:
-        payload = serialization.msgpack_restore(f.read())
-    if payload.get("format") != "rtdlm-train-checkpoint-v1":
-        raise ValueError(f"{path} is not an rtdlm training checkpoint")
-    model, _ = model_from_bytes(payload["model"])
-    opt_state = None
-    if opt_state_template is not None:
-        stored = payload["opt_state"]
-        leaves = [jnp.asarray(stored[str(i)]) for i in range(len(stored))]
-        structure = jax.tree.structure(opt_state_template)
-        if structure.num_leaves != len(leaves):
-            raise ValueError("optimizer state in checkpoint does not match the optimizer")
-        opt_state = jax.tree.unflatten(structure, leaves)
-    return model, opt_state, int(payload["step"])
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
 # ----------------------------------------------------------------------------
@@ -307,6 +323,22 @@ def _jsonable(value):
     return value
 
 
+def check_config(config: Mapping[str, Any] | str | os.PathLike) -> dict:
+    """Loads a training config and checks its keys and values (`ValueError` names a bad one).
+
+    Returns it as a dict.
+    """
+    full_config = load_config(config)
+    if not isinstance(full_config, Mapping) or not isinstance(full_config.get("model"), Mapping):
+        raise ValueError("a training config is a mapping with a 'model:' section")
+    unknown = sorted(set(full_config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known: {list(CONFIG_KEYS)}")
+    TransformerConfig.from_dict(full_config["model"])
+    TrainConfig.from_dict(full_config.get("train") or {})
+    return dict(full_config)
+
+
 def train(
     config: Mapping[str, Any] | str | os.PathLike,
     *,
@@ -314,6 +346,7 @@ def train(
     steps: int | None = None,
     resume: bool = False,
     export: str | None = None,
+    export_bundled: bool = False,
     progress: bool = True,
     corpus: data_lib.Corpus | None = None,
 ) -> TrainResult:
@@ -321,13 +354,14 @@ def train(
 
     Args:
       config: dict with "model", "train" and optional "name", "output_dir",
-        "export" keys, or a path to such a YAML file.
-      output_dir: overrides the config's output_dir.
+        "bundled_export" keys, or a path to such a YAML file.
+      output_dir: overrides the config's output_dir (default `runs/<name>`).
       steps: overrides `train.steps` (e.g. for a quick check).
-      resume: continue from `output_dir/checkpoint.msgpack` if present.
-      export: path for a float16 copy of the final model (overrides the
-        config's `export`; "" disables it).
-      progress: show a rich progress bar.
+      resume: continue from the latest checkpoint in `output_dir/checkpoints`.
+      export: path for a float16 copy of the final model (default: none).
+      export_bundled: also write that float16 copy to the config's
+        `bundled_export` path, i.e. refresh the committed bundled weights.
+      progress: show a rich progress bar (on stderr).
       corpus: a preloaded corpus (default: the stdlib corpus).
 
     Returns:
@@ -336,20 +370,21 @@ def train(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    full_config = load_config(config)
+    full_config = check_config(config)
     name = full_config.get("name", "model")
     model_config = dict(full_config["model"])
-    train_values = dict(full_config.get("train", {}))
+    train_values = dict(full_config.get("train") or {})
     if steps is not None:
         train_values["steps"] = int(steps)
     tc = TrainConfig.from_dict(train_values)
     output_dir = output_dir or full_config.get("output_dir") or os.path.join("runs", name)
-    export = full_config.get("export") if export is None else export
+    exports = [export] if export else []
+    if export_bundled:
+        if not full_config.get("bundled_export"):
+            raise ValueError("export_bundled: the config names no 'bundled_export' path")
+        exports.append(full_config["bundled_export"])
     os.makedirs(output_dir, exist_ok=True)
     console = Console(stderr=True)
-
-    def say(message: str) -> None:
-        console.print(message, markup=False, highlight=False)
 
     corpus = corpus or data_lib.load_stdlib_corpus(validation_fraction=tc.validation_fraction)
     model = create_model(model_config, nnx.Rngs(tc.seed))
@@ -359,14 +394,14 @@ def train(
     tx, schedule = make_optimizer(tc, params)
     opt_state = tx.init(params)
     start_step = 0
-    checkpoint_path = os.path.join(output_dir, "checkpoint.msgpack")
-    if resume and os.path.exists(checkpoint_path):
-        model, opt_state, start_step = load_checkpoint(checkpoint_path, opt_state)
+    checkpoint_dir = os.path.join(output_dir, "checkpoints")
+    if resume and latest_checkpoint_step(checkpoint_dir) is not None:
+        model, opt_state, start_step = load_checkpoint(checkpoint_dir, opt_state)
         graphdef, params = nnx.split(model, nnx.Param)
-        say(f"[train] resumed from {checkpoint_path} at step {start_step}")
+        logger.info("resumed from %s at step %d", checkpoint_dir, start_step)
 
-    say(
-        f"[train] {name}: {param_count(model):,} parameters, {num_layers} layers, exits "
+    logger.info(
+        f"{name}: {param_count(model):,} parameters, {num_layers} layers, exits "
         f"{list(exits)} (weight {tc.exit_loss_weight}); corpus {corpus.summary()}"
     )
 
@@ -392,6 +427,7 @@ def train(
 
     log: dict[str, Any] = {
         "name": name,
+        "output_dir": output_dir,
         "model": model.config.to_dict(),
         "train": {k: _jsonable(v) for k, v in dataclasses.asdict(tc).items()},
         "exit_layers": list(exits),
@@ -422,9 +458,9 @@ def train(
                 temperature=tc.sample_temperature,
             )
         exits_text = " ".join(f"L{k}={v:.3f}" for k, v in bpb.items())
-        say(f"[train] step {step}: val bpb {bpb[num_layers]:.4f} (exits {exits_text})")
+        logger.info(f"step {step}: val bpb {bpb[num_layers]:.4f} (exits {exits_text})")
         if entry.get("sample") is not None:
-            say("[train] sample:\n" + entry["sample"])
+            logger.info("sample:\n%s", entry["sample"])
         log["evals"].append(entry)
         return entry
 
@@ -459,12 +495,11 @@ def train(
                 })
                 bar.update(task, loss=f"{loss:.3f}", rate=f"{rate:.2f}")
                 if not progress or not console.is_terminal:  # e.g. output to a log file
-                    say(f"[train] step {step} loss {loss:.4f} "
-                                  f"bpb {final_ce / LN2:.3f} {rate:.2f} step/s")
+                    logger.info(f"step {step} loss {loss:.4f} bpb {final_ce / LN2:.3f} {rate:.2f} step/s")
             bar.update(task, completed=step)
             if step % tc.eval_every == 0 and step != tc.steps:
                 run_eval(step, tc.eval_batches)
-                save_checkpoint(checkpoint_path, nnx.merge(graphdef, params), opt_state, step)
+                save_checkpoint(checkpoint_dir, nnx.merge(graphdef, params), opt_state, step)
                 _write_outputs(output_dir, log)
                 step_timer = time.time()
 
@@ -476,34 +511,34 @@ def train(
         "val_bpb": final["val_bpb"], "val_bpb_per_exit": final["val_bpb_per_exit"],
         "eval_windows": tc.final_eval_batches * tc.batch_size,
     }
-    save_checkpoint(checkpoint_path, model, opt_state, tc.steps)
+    save_checkpoint(checkpoint_dir, model, opt_state, tc.steps)
     save_model(model, os.path.join(output_dir, "model.msgpack"), dtype=None)
-    if export:
-        os.makedirs(os.path.dirname(os.path.abspath(export)), exist_ok=True)
-        save_model(model, export, dtype="float16", metadata={
+    for path in exports:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_model(model, path, dtype="float16", metadata={
             "name": name, "steps": tc.steps, "train_wall_time_s": round(train_time, 1),
             "val_bpb_per_exit": final["val_bpb_per_exit"], "corpus": corpus.summary(),
         })
         # Quality of the float16 file as loaded (cast back to float32).
-        from rtdlm.models.transformer import load_model
-
-        exported = load_model(export)
-        log["final"]["export"] = export
-        log["final"]["export_val_bpb_per_exit"] = evaluate(
-            exported, eval_fn, val_batches[: tc.final_eval_batches]
-        )
-        say(f"[train] exported float16 weights to {export}: val bpb "
-                      f"{log['final']['export_val_bpb_per_exit'][num_layers]:.4f}")
-    _write_outputs(output_dir, log)
-    say(f"[train] done in {train_time:.0f} s; outputs in {output_dir}")
+        export_bpb = evaluate(load_model(path), eval_fn, val_batches[: tc.final_eval_batches])
+        log["final"]["export"] = path
+        log["final"]["export_val_bpb_per_exit"] = export_bpb
+        logger.info(f"exported float16 weights to {path}: val bpb {export_bpb[num_layers]:.4f}")
+    if not _write_outputs(output_dir, log):
+        logger.info("loss.png skipped: matplotlib is not installed (pip install matplotlib)")
+    logger.info(f"done in {train_time:.0f} s; outputs in {output_dir}")
     return TrainResult(model=model, log=log)
 
 
-def _write_outputs(output_dir: str, log: dict) -> None:
-    """log.json and loss.png (train loss; validation bpb of each exit)."""
+def _write_outputs(output_dir: str, log: dict) -> bool:
+    """Writes log.json and, if matplotlib is installed, loss.png (train loss; validation
+    bpb of each exit). Returns whether the plot was written."""
     with open(os.path.join(output_dir, "log.json"), "w", encoding="utf-8") as f:
         json.dump(log, f, indent=1)
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # plots are optional (the dev extras)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -527,31 +562,14 @@ def _write_outputs(output_dir: str, log: dict) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "loss.png"), dpi=110)
     plt.close(fig)
+    return True
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: `python -m rtdlm.models.train --config PATH [options]`."""
-    parser = argparse.ArgumentParser(
-        prog="rtdlm train", description="Train the reference byte-level transformer."
-    )
-    parser.add_argument("--config", required=True, help="YAML config (configs/models/*.yaml)")
-    parser.add_argument("--output-dir", default=None, help="overrides the config's output_dir")
-    parser.add_argument("--steps", type=int, default=None, help="overrides train.steps")
-    parser.add_argument("--export", default=None,
-                        help="float16 export path (overrides the config's; '' disables)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT_DIR/checkpoint.msgpack")
-    parser.add_argument("--no-progress", action="store_true", help="plain log lines, no bar")
-    args = parser.parse_args(argv)
-    result = train(
-        args.config, output_dir=args.output_dir, steps=args.steps, resume=args.resume,
-        export=args.export, progress=not args.no_progress,
-    )
-    final = result.log["final"]
-    print(json.dumps({"name": result.log["name"], "val_bpb": final["val_bpb"],
-                      "val_bpb_per_exit": final["val_bpb_per_exit"],
-                      "train_wall_time_s": round(result.log["train_wall_time_s"], 1)}))
-    return 0
+    """`python -m rtdlm.models.train [options]`: the same as `python -m rtdlm train [options]`."""
+    from rtdlm.__main__ import main
+
+    return main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
