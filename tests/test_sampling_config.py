@@ -406,3 +406,128 @@ def test_traced_values_are_not_validated_inside_jit():
         return SamplingConfig(temperature=temperature).temperature
 
     assert float(build(-1.0)) == -1.0
+
+
+# ---- bad input that used to be accepted silently (issue 12) ---------------------------------
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("top_k", 2**32 + 3),  # used to wrap to 3
+        ("top_k", 2**31),
+        ("top_k", 1e40),  # used to become 0 (off)
+        ("top_k", 2**70),
+        ("top_k", np.int64(2**40)),
+        ("top_k", [1, 2**32 + 3]),
+        ("eos_token_id", 2**32 + 9),  # used to become 9
+        ("eos_token_id", -(2**31) - 1),
+        ("min_new_tokens", 2**31),  # used to become negative
+        ("min_new_tokens", np.uint64(2**63)),
+    ],
+)
+def test_integer_fields_outside_int32_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**{field: value})
+
+
+def test_int32_extremes_are_accepted():
+    config = SamplingConfig(top_k=2**31 - 1, eos_token_id=2**31 - 1, min_new_tokens=np.int64(2**31 - 1))
+    assert int(config.top_k) == int(config.eos_token_id) == int(config.min_new_tokens) == 2**31 - 1
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [1e39, [0.5, 1e39], 10**40])
+def test_float_fields_must_be_finite_in_float32(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+def test_penalties_must_be_finite_in_float32_below_zero_too(field):
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**{field: -1e39})
+
+
+def test_largest_float32_is_accepted():
+    big = float(np.finfo(np.float32).max)
+    assert float(SamplingConfig(frequency_penalty=big).frequency_penalty) == big
+
+
+NON_REAL_VALUES = [None, 1j, 1 + 0j, np.complex64(1), {}, {"a": 1}, b"1", [0.5, None], [[0.5], [0.5, 0.7]]]
+
+
+@pytest.mark.parametrize("field", [*FLOAT_FIELDS, "top_k", "do_sample", "min_new_tokens", "eos_token_id"])
+@pytest.mark.parametrize("value", NON_REAL_VALUES)
+def test_non_real_values_raise_one_error_naming_the_field(field, value):
+    with pytest.raises((TypeError, ValueError), match=field):
+        SamplingConfig(**{field: value})
+
+
+def test_seed_none_means_no_seed():
+    assert SamplingConfig(seed=None).seed is None
+
+
+@pytest.mark.parametrize(("field", "value"), [("top_k", True), ("temperature", False), ("do_sample", 0.5)])
+def test_booleans_only_for_do_sample(field, value):
+    with pytest.raises((TypeError, ValueError), match=field):
+        SamplingConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [2**40],  # used to ban token 0
+        [2**31],
+        [2**70],
+        [1.9],  # used to become [1]
+        [1.0],
+        [True],
+        np.array([2**40]),
+        [[1], [2, 2**40]],  # ragged with a huge id: used to raise a bare OverflowError
+        [[1], [2**70]],
+        [[1.5], [2]],
+        [[1], 2],
+        jnp.array([1.0]),
+        1.5,
+        "3",
+    ],
+)
+def test_bad_banned_token_ids_raise_naming_the_field(value):
+    with pytest.raises((TypeError, ValueError), match="banned_token_ids"):
+        SamplingConfig(banned_token_ids=value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": 1.0},
+        {"3": 1.0},
+        {1.5: 1.0},  # used to become token 1
+        {True: 1.0},
+        {2**40: 1.0},
+        {2**31: 1.0},
+        {1: "high"},
+        {1: None},
+        {1: 1j},
+        {1: 1e39},  # finite in float64, inf in float32
+        {1: -1e39},
+        {1: 10**400},
+        [{1: 1.0}, {2**40: 1.0}],
+        (1, 2),  # used to be accepted and fail later with IndexError
+        (np.array([1]), np.array([2])),  # stored form needs int ids and float biases
+        (np.array([1, 2]), np.array([1.0])),
+        [],
+    ],
+)
+def test_bad_logit_bias_raises_naming_the_field(value):
+    with pytest.raises((TypeError, ValueError), match="logit_bias"):
+        SamplingConfig(logit_bias=value)
+
+
+def test_logit_bias_and_banned_ids_survive_jit_and_tree_rebuilds():
+    config = SamplingConfig(logit_bias=[{1: 2.0}, {3: -1.0, 4: 0.5}], banned_token_ids=[[0], [2, 5]])
+    ids, biases = config.logit_bias
+    assert ids.dtype == np.int32 and biases.dtype == np.float32 and ids.shape == (2, 2)
+    rebuilt = jax.tree.unflatten(jax.tree.structure(config), jax.tree.leaves(config))
+    assert_configs_equal(rebuilt, config)
+    assert_configs_equal(jax.jit(lambda c: c)(config), config)
+    np.testing.assert_array_equal(config.banned_token_ids, [[0, -1], [2, 5]])

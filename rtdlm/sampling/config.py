@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import struct
@@ -37,62 +39,113 @@ _FIELDS: dict[str, tuple[Any, Any]] = {
     "repetition_penalty": (np.float32, lambda v: None if v > 0 else "must be > 0 (1 = off)"),
     "presence_penalty": (np.float32, lambda v: None),
     "frequency_penalty": (np.float32, lambda v: None),
-    "do_sample": (np.bool_, lambda v: None),
+    "do_sample": (np.bool_, lambda v: None if v in (0, 1) else "must be True or False"),
     "seed": (np.uint32, lambda v: None if 0 <= v < 2**32 else "must be in [0, 2**32)"),
     "min_new_tokens": (np.int32, lambda v: None if v >= 0 else "must be >= 0"),
     "eos_token_id": (np.int32, lambda v: None if v >= -1 else "must be a token id or -1 (none)"),
 }
+_MAX_TOKEN_ID = int(np.iinfo(np.int32).max)
 
 
 def _is_concrete(value: Any) -> bool:
-    """True for values we can check on the host (not tracers, not JAX's placeholders)."""
+    """True for values a user passes (checked on the host); False for tracers and the
+    placeholders JAX and its users rebuild trees with (`PartitionSpec`, sentinels, ...)."""
     if isinstance(value, jax.core.Tracer):
         return False
-    return isinstance(value, (bool, int, float, str, list, tuple, np.ndarray, np.generic, jax.Array))
+    return isinstance(
+        value, (numbers.Number, str, bytes, list, tuple, Mapping, np.ndarray, np.generic, jax.Array)
+    )
+
+
+def _as_numpy(name: str, value: Any) -> np.ndarray:
+    """A real number, or a [B] sequence/array of them, as a NumPy array of its own dtype."""
+    if value is None or isinstance(value, (str, bytes, Mapping, complex)):
+        raise TypeError(f"SamplingConfig.{name} must be a number or a [B] array of numbers, got {value!r}")
+    try:
+        raw = np.asarray(value)
+    except (ValueError, TypeError):  # ragged nested lists
+        raise ValueError(f"SamplingConfig.{name} must be a scalar or a [B] array, got {value!r}") from None
+    if (
+        raw.dtype == object
+        and raw.size
+        and all(isinstance(v, numbers.Real) for v in raw.reshape(-1).tolist())
+    ):
+        # Python ints beyond 64 bits (NumPy keeps them as objects)
+        raise ValueError(f"SamplingConfig.{name} is out of range, got {value!r}")
+    numeric = jnp.issubdtype(raw.dtype, jnp.integer) or jnp.issubdtype(raw.dtype, jnp.floating)
+    if not (numeric or (raw.dtype == np.bool_ and name == "do_sample")):
+        raise TypeError(f"SamplingConfig.{name} must be a real number or a [B] array of them, got {value!r}")
+    return raw
 
 
 def _as_field_array(name: str, value: Any) -> np.ndarray:
     dtype, check = _FIELDS[name]
-    raw = np.asarray(value)
-    if raw.dtype == object or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
-        raise TypeError(f"SamplingConfig.{name} must be numeric, got {value!r}")
+    raw = _as_numpy(name, value)
     if raw.ndim > 1:
         raise ValueError(f"SamplingConfig.{name} must be a scalar or a [B] array, got shape {raw.shape}")
-    if np.issubdtype(raw.dtype, np.floating) and np.isnan(raw).any():
-        raise ValueError(f"SamplingConfig.{name} must not be NaN")
+    if not jnp.issubdtype(raw.dtype, jnp.integer):  # float (or bool) values
+        raw = raw.astype(np.float64)
+        if np.isnan(raw).any():
+            raise ValueError(f"SamplingConfig.{name} must not be NaN")
     if (
         np.issubdtype(dtype, np.integer)
-        and np.issubdtype(raw.dtype, np.floating)
+        and raw.dtype == np.float64
         and not (np.all(np.isfinite(raw)) and np.all(raw == np.round(raw)))
     ):
         raise ValueError(f"SamplingConfig.{name} must be an integer, got {value!r}")
-    if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(raw)):
-        raise ValueError(f"SamplingConfig.{name} must be finite, got {value!r}")
     for v in raw.reshape(-1).tolist():
         problem = check(v)
         if problem:
             raise ValueError(f"SamplingConfig.{name} {problem}, got {v!r}")
-    return raw.astype(dtype)
+    if np.issubdtype(dtype, np.integer):  # an astype would wrap modulo 2**32
+        info = np.iinfo(dtype)
+        if raw.size and (raw.min() < info.min or raw.max() > info.max):
+            raise ValueError(f"SamplingConfig.{name} must fit in {np.dtype(dtype).name}, got {value!r}")
+        return raw.astype(dtype)
+    with np.errstate(over="ignore"):
+        stored = raw.astype(dtype)
+    if dtype == np.float32 and not np.all(np.isfinite(stored)):  # finite as stored, not in float64
+        raise ValueError(f"SamplingConfig.{name} must be finite in float32 (|x| <= 3.4e38), got {value!r}")
+    return stored
+
+
+def _id_array(name: str, ids: Any, max_ndim: int) -> np.ndarray:
+    """Integer token ids (-1 = padding) as int32, rejecting what an astype would wrap."""
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError):  # ragged nested lists
+        raise ValueError(
+            f"SamplingConfig.{name} must be [N] ids or per-row lists of ids, got {ids!r}"
+        ) from None
+    if arr.size == 0:
+        return np.zeros(arr.shape, np.int32)
+    if arr.dtype == object and all(isinstance(v, numbers.Integral) for v in arr.reshape(-1).tolist()):
+        raise ValueError(f"SamplingConfig.{name} holds a token id >= 2**31, got {ids!r}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"SamplingConfig.{name} must be integer token ids, got {ids!r}")
+    if arr.ndim > max_ndim:
+        raise ValueError(f"SamplingConfig.{name} must be [N] or [B, N] token ids, got shape {arr.shape}")
+    if arr.min() < -1:
+        raise ValueError(f"SamplingConfig.{name} holds a negative token id, got {ids!r}")
+    if arr.max() > _MAX_TOKEN_ID:
+        raise ValueError(f"SamplingConfig.{name} holds a token id >= 2**31, got {ids!r}")
+    return arr.astype(np.int32)
 
 
 def _ragged_ids(name: str, ids: Any) -> np.ndarray:
     """Token ids as `[N]` or, for a list of per-row lists, `[B, N]` padded with -1."""
-    if isinstance(ids, (np.ndarray, int, np.integer)):
-        arr = np.asarray(ids)
-        if not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 2:
-            raise ValueError(f"SamplingConfig.{name} must be integer ids, [N] or [B, N], got {ids!r}")
-        arr = arr.reshape(-1) if arr.ndim == 0 else arr
-    elif ids and isinstance(ids[0], (list, tuple, np.ndarray)):
-        width = max(len(row) for row in ids)
-        out = np.full((len(ids), max(width, 1)), -1, np.int32)
-        for b, row in enumerate(ids):
-            out[b, : len(row)] = row
-        arr = out
-    else:
-        arr = np.asarray(ids, np.int64).reshape(-1)
-    if arr.size and arr.min() < -1:
-        raise ValueError(f"SamplingConfig.{name} holds a negative token id")
-    return arr.astype(np.int32)
+    if (
+        isinstance(ids, (list, tuple))
+        and ids
+        and all(isinstance(row, (list, tuple, np.ndarray)) for row in ids)
+    ):
+        rows = [_id_array(name, row, max_ndim=1).reshape(-1) for row in ids]
+        out = np.full((len(rows), max(1, *(row.size for row in rows))), -1, np.int32)
+        for b, row in enumerate(rows):
+            out[b, : row.size] = row
+        return out
+    arr = _id_array(name, ids, max_ndim=2)
+    return arr.reshape(-1) if arr.ndim == 0 else arr
 
 
 def _logit_bias(value: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -100,21 +153,80 @@ def _logit_bias(value: Any) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(value, Mapping):
         value = [value]
         squeeze = True
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, Mapping) for v in value):
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
         squeeze = False
     else:
-        raise TypeError("SamplingConfig.logit_bias must be a {token_id: bias} dict or a list of them")
+        raise TypeError(
+            f"SamplingConfig.logit_bias must be a {{token_id: bias}} dict or a list of them, got {value!r}"
+        )
     width = max(1, max(len(d) for d in value))
     ids = np.full((len(value), width), -1, np.int32)
     biases = np.zeros((len(value), width), np.float32)
     for b, row in enumerate(value):
         for j, (token, bias) in enumerate(row.items()):
-            if int(token) < 0:
+            if not isinstance(token, numbers.Integral) or isinstance(token, (bool, np.bool_)):
+                raise TypeError(f"SamplingConfig.logit_bias keys must be int token ids, got {token!r}")
+            if token < 0:
                 raise ValueError(f"SamplingConfig.logit_bias has a negative token id {token}")
-            if not math.isfinite(float(bias)):
-                raise ValueError(f"SamplingConfig.logit_bias[{token}] must be finite")
-            ids[b, j], biases[b, j] = int(token), float(bias)
+            if token > _MAX_TOKEN_ID:
+                raise ValueError(f"SamplingConfig.logit_bias has a token id >= 2**31: {token}")
+            if not isinstance(bias, numbers.Real) or isinstance(bias, (bool, np.bool_)):
+                raise TypeError(f"SamplingConfig.logit_bias[{token}] must be a number, got {bias!r}")
+            try:
+                bias64 = float(bias)
+            except OverflowError:  # a Python int beyond float64
+                bias64 = math.inf
+            with np.errstate(over="ignore"):
+                bias32 = np.float32(bias64)
+            if not np.isfinite(bias32):  # finite as stored (float32), not only in float64
+                raise ValueError(
+                    f"SamplingConfig.logit_bias[{token}] must be finite in float32, got {bias!r}"
+                )
+            ids[b, j], biases[b, j] = int(token), bias32
     return (ids[0], biases[0]) if squeeze else (ids, biases)
+
+
+def _stored_logit_bias(value: Any) -> bool:
+    """True for the stored `(ids, biases)` pair of arrays (or of tracers / placeholders,
+    which JAX rebuilds trees with); False for Python values such as `(1, 2)`."""
+    if not (isinstance(value, tuple) and len(value) == 2):
+        return False
+    ids, biases = value
+    if any(x is None or isinstance(x, (numbers.Number, str, bytes, list, tuple, Mapping)) for x in value):
+        return False
+    arrays = isinstance(ids, (np.ndarray, jax.Array)) and isinstance(biases, (np.ndarray, jax.Array))
+    if arrays and not (
+        jnp.issubdtype(ids.dtype, jnp.integer)
+        and jnp.issubdtype(biases.dtype, jnp.floating)
+        and ids.shape == biases.shape
+        and ids.ndim in (1, 2)
+    ):
+        raise TypeError(
+            "SamplingConfig.logit_bias as arrays must be (int ids, float biases) of one shape "
+            f"[N] or [B, N], got {ids.dtype}{list(ids.shape)} and {biases.dtype}{list(biases.shape)}"
+        )
+    return True
+
+
+def _check_ngram_fields(config) -> None:
+    size = config.no_repeat_ngram_size
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+        raise ValueError(f"SamplingConfig.no_repeat_ngram_size must be an int >= 0 (0 = off), got {size!r}")
+    object.__setattr__(config, "no_repeat_ngram_size", int(size))
+    words = config.bad_words_ids
+    try:
+        words = tuple(tuple(int(_exact_int(t)) for t in word) for word in (words or ()))
+    except (TypeError, ValueError):
+        raise ValueError(f"SamplingConfig.bad_words_ids must be lists of token ids, got {words!r}") from None
+    if any(not word or min(word) < 0 or max(word) > _MAX_TOKEN_ID for word in words):
+        raise ValueError(f"SamplingConfig.bad_words_ids must be non-empty lists of ids >= 0, got {words!r}")
+    object.__setattr__(config, "bad_words_ids", words)
+
+
+def _exact_int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(value)
+    return value
 
 
 @struct.dataclass
@@ -136,12 +248,17 @@ class SamplingConfig:
     typical_p: Any = 1.0
     presence_penalty: Any = 0.0
     frequency_penalty: Any = 0.0
-    logit_bias: Any = None  # {token: bias}; stored as (ids [N] | [B, N], biases), ids -1 = pad
-    banned_token_ids: Any = None  # [N] or [B, N] int, -1 = pad
+    # {token: bias}; stored as (ids [N] | [B, N], biases), ids -1 = pad
+    logit_bias: Any = struct.field(default=None, metadata={"row_ndim": 2})
+    banned_token_ids: Any = struct.field(default=None, metadata={"row_ndim": 2})  # [N] | [B, N], -1 = pad
     min_new_tokens: Any = 0  # EOS is masked until this many tokens were generated
     eos_token_id: Any = -1  # -1: no EOS (used by min_new_tokens)
     num_top_tokens: int = struct.field(pytree_node=False, default=10)  # SamplingResult.top_*
     num_candidates: int = struct.field(pytree_node=False, default=128)  # fast-filter width
+    # Static n-gram bans (Hugging Face's no_repeat_ngram_size / bad_words_ids); changing
+    # them recompiles. See `rtdlm.sampling.no_repeat_ngram` and `bad_words`.
+    no_repeat_ngram_size: int = struct.field(pytree_node=False, default=0)
+    bad_words_ids: tuple = struct.field(pytree_node=False, default=())  # token-id sequences
     # Inside shard_map: the mesh axis the vocabulary is split over (see rtdlm.sharding).
     vocab_axis: str | None = struct.field(pytree_node=False, default=None)
 
@@ -149,25 +266,34 @@ class SamplingConfig:
         # Also runs when JAX rebuilds the tree from tracers: check only concrete values.
         for name in _FIELDS:
             value = getattr(self, name)
-            if value is not None and _is_concrete(value):
+            if value is None and name == "seed":
+                continue  # no seed: rows draw from the key given to `sample`
+            if value is None or _is_concrete(value):
                 object.__setattr__(self, name, _as_field_array(name, value))
         bias = self.logit_bias
         if isinstance(bias, Mapping) or (
             isinstance(bias, (list, tuple)) and bias and all(isinstance(v, Mapping) for v in bias)
         ):
             object.__setattr__(self, "logit_bias", _logit_bias(bias))
-        elif bias is not None and not (isinstance(bias, tuple) and len(bias) == 2):
-            # (ids, biases) arrays, as stored, pass through (JAX rebuilds trees with them)
-            raise TypeError(f"SamplingConfig.logit_bias must be a {{token_id: bias}} dict, got {bias!r}")
+        elif bias is not None and not _stored_logit_bias(bias):
+            raise TypeError(
+                f"SamplingConfig.logit_bias must be a {{token_id: bias}} dict or a list of them, got {bias!r}"
+            )
         banned = self.banned_token_ids
-        if isinstance(banned, (list, tuple, int, np.integer, np.ndarray)) and not isinstance(banned, bool):
+        if isinstance(banned, jax.Array) and not isinstance(banned, jax.core.Tracer):
+            if not jnp.issubdtype(banned.dtype, jnp.integer) or banned.ndim > 2:
+                raise TypeError(
+                    f"SamplingConfig.banned_token_ids must be [N] or [B, N] int ids, got {banned!r}"
+                )
+        elif isinstance(banned, (list, tuple, int, np.integer, np.ndarray)) and not isinstance(banned, bool):
             object.__setattr__(self, "banned_token_ids", _ragged_ids("banned_token_ids", banned))
-        elif banned is not None and _is_concrete(banned) and not isinstance(banned, jax.Array):
+        elif banned is not None and _is_concrete(banned):
             raise TypeError(f"SamplingConfig.banned_token_ids must be token ids, got {banned!r}")
         for name in ("num_top_tokens", "num_candidates"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SamplingConfig.{name} must be a positive Python int, got {value!r}")
+        _check_ngram_fields(self)
 
     def batch_size(self) -> int | None:
         """The B of the `[B]` fields, or None if every field is a scalar."""
@@ -176,21 +302,23 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig per-row fields disagree on the batch size: {sorted(sizes)}")
         return sizes.pop() if sizes else None
 
+    @classmethod
+    def row_ndim(cls, name: str) -> int:
+        """How many dimensions a field's per-row value has: 1 for `[B]` fields, 2 for the
+        `[B, N]` token lists (declared on the field; a value with fewer is shared by all rows)."""
+        return cls.__dataclass_fields__[name].metadata.get("row_ndim", 1)
+
     def repeat_rows(self, repeats: int) -> SamplingConfig:
         """The config for a batch where each row is repeated `repeats` times in a row
         (`jnp.repeat(x, repeats, axis=0)`), e.g. to process [B, T, V] logits as [B*T, V]."""
         import jax.numpy as jnp
 
-        def expand(value, per_row_ndim):
-            if value is None or jnp.ndim(value) != per_row_ndim:
+        def expand(path, value):
+            if jnp.ndim(value) != self.row_ndim(path[0].name):
                 return value  # shared by every row
             return jnp.repeat(jnp.asarray(value), repeats, axis=0)
 
-        updates = {name: expand(getattr(self, name), 1) for name in _FIELDS}
-        updates["banned_token_ids"] = expand(self.banned_token_ids, 2)
-        if self.logit_bias is not None:
-            updates["logit_bias"] = tuple(expand(v, 2) for v in self.logit_bias)
-        return self.replace(**updates)
+        return jax.tree_util.tree_map_with_path(expand, self)
 
     def _row_leaves(self):
         return [getattr(self, name) for name in _FIELDS if getattr(self, name) is not None]
@@ -234,6 +362,8 @@ class SamplingConfig:
             "do_sample": False,
             "eos_token_id": None,
             "min_new_tokens": None,
+            "no_repeat_ngram_size": None,
+            "bad_words_ids": None,
         }
         hf.update({k: v for k, v in source.items() if k in hf})
         eos = hf["eos_token_id"]
@@ -249,6 +379,8 @@ class SamplingConfig:
             do_sample=bool(hf["do_sample"]),
             eos_token_id=-1 if eos is None else eos,
             min_new_tokens=hf["min_new_tokens"] or 0,
+            no_repeat_ngram_size=hf["no_repeat_ngram_size"] or 0,
+            bad_words_ids=hf["bad_words_ids"] or (),
         )
 
 
