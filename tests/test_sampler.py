@@ -500,3 +500,52 @@ def test_sampling_runs_under_strict_rank_promotion():
             jax.random.key(0), jnp.zeros((2, 16)), config, history
         )
     assert out.shape == (2,)
+
+
+# ---- the facade in the guide's loop (issue 12) -----------------------------------------------
+def test_token_sampler_compiles_once_per_history_bucket_in_the_guides_loop(monkeypatch):
+    # sample, append the token, sample again: histories of length 0..99 fall in the buckets
+    # 64 and 128, so the facade's program is traced twice, not once per length.
+    chex.clear_trace_counter()
+    counted = chex.assert_max_traces(TokenSampler._step.__wrapped__, n=2)
+    monkeypatch.setattr(TokenSampler, "_step", staticmethod(jax.jit(counted)))
+    sampler = TokenSampler(seed=0)
+    config = SamplingConfig(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.3)
+    rng = np.random.default_rng(0)
+    history: list[int] = []
+    for _ in range(100):
+        logits = (rng.normal(size=VOCAB) * 2.0).astype(np.float32)
+        result = sampler.sample(logits, config, token_history=history)
+        history.append(int(result.token_id))
+    assert len(history) == 100
+
+
+def test_token_sampler_padded_history_matches_sample():
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(BATCH, VOCAB)) * 2.0).astype(np.float32)
+    config = SamplingConfig(temperature=0.8, top_k=20, repetition_penalty=1.5, presence_penalty=0.7)
+    for length in (0, 3, 64, 65):
+        history = rng.integers(0, VOCAB, size=(BATCH, length))
+        sampler = TokenSampler(seed=5)
+        got = sampler.sample(logits, config, token_history=history)
+        bucket = 64 if length <= 64 else 128
+        assert TokenSampler._bucketed_history(history, logits.shape).shape == (BATCH, bucket)
+        key = jax.random.split(jax.random.key(5))[1]  # the facade's first draw key
+        want = sample(key, logits, config, history if length else None)
+        np.testing.assert_array_equal(got.token_id, want.token_id)
+        np.testing.assert_allclose(got.all_probabilities, want.all_probabilities, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("history", [[1.5, 2.0], [2**40], ["a"]])
+def test_token_sampler_rejects_bad_history(history):
+    with pytest.raises((TypeError, ValueError), match="token_history"):
+        TokenSampler().sample(np.zeros(VOCAB, np.float32), SamplingConfig(), token_history=history)
+
+
+def test_token_sampler_nan_check_keeps_the_key():
+    sampler, fresh = TokenSampler(seed=3), TokenSampler(seed=3)
+    logits = np.zeros(VOCAB, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        sampler.sample(np.full(VOCAB, np.nan, np.float32), SamplingConfig())
+    # the failed call drew nothing: the sequence continues as for a fresh sampler
+    assert int(sampler.sample(logits).token_id) == int(fresh.sample(logits).token_id)
