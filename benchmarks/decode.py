@@ -40,11 +40,10 @@ from benchmarks._timing import (  # noqa: E402
     write_json,
 )
 from rtdlm.decoding import generate  # noqa: E402
-from rtdlm.decoding.loop import add_tokens, prompt_history  # noqa: E402
 from rtdlm.models import create_model, encode, load_model  # noqa: E402
 from rtdlm.sampling import (  # noqa: E402
+    DEFAULT_PROCESSORS,
     SamplingConfig,
-    SamplingState,
     TokenSampler,
     create_sampling_config_balanced,
     sample,
@@ -63,18 +62,18 @@ def python_loops(model, prompt, config, max_new_tokens):
         logits, cache = model(prompt, positions, model.init_cache(batch, prompt_len + max_new_tokens))
         return logits[:, -1], cache
 
-    # The cache (and counts) are donated, so XLA updates them in place instead of copying.
+    # The cache (and the processors' state) are donated, so XLA updates them in place.
     @functools.partial(jax.jit, donate_argnames="cache")
     def forward(model, token, position, cache):
         logits, cache = model(token[:, None], jnp.full((batch, 1), position), cache)
         return logits[:, -1], cache
 
-    @functools.partial(jax.jit, donate_argnames=("counts", "cache"))
-    def fused_step(model, key, logits, counts, position, cache, config):
-        token = sample(key, logits, config, state=SamplingState(counts, None)).token_id
-        counts = add_tokens(counts, token, jnp.ones(batch, bool))
+    @functools.partial(jax.jit, donate_argnames=("state", "cache"))
+    def fused_step(model, key, logits, state, position, cache, config):
+        token = sample(key, logits, config, state=state).token_id
+        state = DEFAULT_PROCESSORS.update(state, token, jnp.ones(batch, bool), config)
         logits, cache = model(token[:, None], jnp.full((batch, 1), position), cache)
-        return token, logits[:, -1], counts, cache
+        return token, logits[:, -1], state, cache
 
     def guide_loop():  # TokenSampler per row, history as Python lists (host sync per token)
         sampler = TokenSampler()
@@ -94,11 +93,11 @@ def python_loops(model, prompt, config, max_new_tokens):
 
     def fused_loop():  # one jitted step per token, no host sync until the end
         logits, cache = prefill(model, prompt)
-        counts = prompt_history(prompt, jnp.full(batch, prompt_len), logits.shape[-1])
+        state = DEFAULT_PROCESSORS.init(prompt, jnp.full(batch, prompt_len), logits.shape[-1], config)
         key, out = jax.random.key(0), []
         for t in range(max_new_tokens):
-            token, logits, counts, cache = fused_step(
-                model, jax.random.fold_in(key, t), logits, counts, prompt_len + t, cache, config
+            token, logits, state, cache = fused_step(
+                model, jax.random.fold_in(key, t), logits, state, prompt_len + t, cache, config
             )
             out.append(token)
         return jnp.stack(out, 1)
@@ -176,30 +175,30 @@ def bench_sampling_overhead(batch, vocab, steps, repeats, model_config, logit_st
         @jax.jit
         def run(model, config):
             cache = model.init_cache(batch, cache_length)
-            counts = jnp.zeros((batch, vocab), jnp.int32)
+            no_prompt = jnp.zeros((batch, 0), jnp.int32)
+            state = DEFAULT_PROCESSORS.init(no_prompt, jnp.zeros(batch, jnp.int32), vocab, config)
 
             def step(carry, t):
-                token, counts, cache = carry
+                token, state, cache = carry
                 logits, cache = model(token[:, None], jnp.full((batch, 1), t), cache)
-                token = select(jax.random.fold_in(jax.random.key(0), t), logits[:, -1], counts, config)
-                return (token, add_tokens(counts, token, jnp.ones(batch, bool)), cache), None
+                token = select(jax.random.fold_in(jax.random.key(0), t), logits[:, -1], state, config)
+                state = DEFAULT_PROCESSORS.update(state, token, jnp.ones(batch, bool), config)
+                return (token, state, cache), None
 
-            init = (jnp.zeros(batch, jnp.int32), counts, cache)
+            init = (jnp.zeros(batch, jnp.int32), state, cache)
             return jax.lax.scan(step, init, jnp.arange(steps))[0][0]
 
         return functools.partial(run, model, chain)
 
     programs = {
         "forward_only": decode_program(
-            lambda key, logits, counts, config: (jnp.sum(logits[:, :1], axis=-1) > 1e9).astype(jnp.int32)
+            lambda key, logits, state, config: (jnp.sum(logits[:, :1], axis=-1) > 1e9).astype(jnp.int32)
         ),  # reads logits, no sampling
         "argmax": decode_program(
-            lambda key, logits, counts, config: jnp.argmax(logits, -1).astype(jnp.int32)
+            lambda key, logits, state, config: jnp.argmax(logits, -1).astype(jnp.int32)
         ),
         "full_chain": decode_program(
-            lambda key, logits, counts, config: (
-                sample(key, logits, config, state=SamplingState(counts, None)).token_id
-            )
+            lambda key, logits, state, config: sample(key, logits, config, state=state).token_id
         ),
     }
     seconds = time_interleaved(programs, repeats=repeats)

@@ -157,14 +157,16 @@ def reference_process(
     eos_token_id: Any = -1,
     seed: Any = None,  # accepted (and ignored) so one dict of parameters can build both sides
     token_history: Any = None,
+    num_generated: Any = 0,
 ) -> Reference:
     """The whole chain in float64, row by row. Parameters: scalars or one value per row.
 
     Args:
       logits: [V] or [B, V] (any float dtype; NaN counts as removed, a row with nothing finite
         is uniform; +inf is not modelled here - the tests check it directly).
-      token_history: [H] or [B, H] ints, -1 = padding (never penalises anything). Its
-        non-padding length is the number of tokens generated so far (min_new_tokens).
+      token_history: [H] or [B, H] ints, -1 = padding (never penalises anything): the
+        context seen so far (penalties).
+      num_generated: scalar or [B], tokens generated so far (min_new_tokens).
     """
     del seed
     logits = np.asarray(logits, np.float64)
@@ -186,7 +188,9 @@ def reference_process(
         z[_row_banned(banned_token_ids, b)] = -np.inf
         past = history[b][history[b] >= 0] if history.shape[1] else _HISTORY_FREE
         eos = int(_row_value(eos_token_id, b, batch, -1))
-        if eos >= 0 and past.size < int(_row_value(min_new_tokens, b, batch, 0)):
+        if eos >= 0 and int(_row_value(num_generated, b, batch, 0)) < int(
+            _row_value(min_new_tokens, b, batch, 0)
+        ):
             z[eos] = -np.inf
         # 2. penalties: HF repetition penalty on the set seen, OpenAI rule on the counts
         counts = np.bincount(past[past < vocab], minlength=vocab)
@@ -235,3 +239,20 @@ def reference_process(
     if squeeze:
         return Reference(out[0], probabilities[0], greedy[0], margins[0])
     return Reference(out, probabilities, greedy, margins)
+
+
+def state_after_generating(processors, generated, vocab_size, config):
+    """The processors' state after an empty prompt and then `generated` [B, H] tokens
+    (-1 = padding, skipped), fed through `update` one column at a time: the state a decode
+    loop has after emitting them (unlike `init_from_history`, which reads them as context)."""
+    import jax.numpy as jnp
+
+    from rtdlm.sampling import as_processor
+
+    processors = as_processor(processors)
+    generated = jnp.asarray(generated, jnp.int32)
+    batch = generated.shape[0]
+    state = processors.init(jnp.zeros((batch, 0), jnp.int32), jnp.zeros(batch, jnp.int32), vocab_size, config)
+    for column in generated.T:
+        state = processors.update(state, column, column >= 0, config)
+    return state

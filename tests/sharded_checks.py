@@ -77,10 +77,12 @@ def check_generation(mesh):
         np.testing.assert_array_equal(got.tokens, want)
     # The decode step of `generate` with a mesh gathers no [B, V] logits either.
     from rtdlm.decoding.loop import _generate
+    from rtdlm.sampling import DEFAULT_PROCESSORS
 
     sharded_target = jax.device_put(target, by_vocab)
     hlo = (
         _generate.lower(
+            DEFAULT_PROCESSORS,
             sharded_target,
             split_prompt,
             jnp.full(B, 3),

@@ -106,8 +106,11 @@ def test_residual_draw_never_returns_a_token_without_residual_mass():
     for seed in range(200):  # 10^5 rows
         accept, resample = jax.random.split(jax.random.key(seed))
         num_accepted, token = verify(
-            jax.random.split(accept, batch), jax.random.split(resample, batch), jnp.asarray(p, jnp.float32),
-            jnp.asarray(q, jnp.float32), drafts,
+            jax.random.split(accept, batch),
+            jax.random.split(resample, batch),
+            jnp.asarray(p, jnp.float32),
+            jnp.asarray(q, jnp.float32),
+            drafts,
         )
         num_accepted, token = np.asarray(num_accepted), np.asarray(token)
         rows = np.arange(batch)

@@ -19,7 +19,7 @@ from markov_reference import (
 from rtdlm.decoding import GenerationOutput, LinenModel, generate
 from rtdlm.decoding import loop as loop_module
 from rtdlm.decoding.testing import MarkovModel, random_markov_model
-from rtdlm.sampling import SamplingConfig, SamplingState, probabilities, process_logits, token_counts
+from rtdlm.sampling import SamplingConfig, probabilities, process_logits, token_counts
 
 VOCAB = 8
 PROMPT = np.array([3, 1, 5], np.int32)
@@ -41,8 +41,8 @@ def tiled(prompt, rows):
 
 
 @jax.jit
-def processed_probabilities(logits, config, counts):
-    return probabilities(process_logits(logits, config, state=SamplingState(counts)))
+def processed_probabilities(logits, config, history):
+    return probabilities(process_logits(logits, config, history))
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_reference_matches_process_logits(params):
     history = rng.integers(-1, VOCAB, size=(256, 4)).astype(np.int32)
     counts = token_counts(jnp.asarray(history), VOCAB)
     config = SamplingConfig(**params)
-    got = processed_probabilities(jnp.asarray(logits), config, counts)
+    got = processed_probabilities(jnp.asarray(logits), config, jnp.asarray(history))
     want = process_distribution(logits, np.asarray(counts) > 0, **params)
     np.testing.assert_array_equal(np.asarray(got) > 0, want > 0)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
@@ -127,8 +127,14 @@ def run_small(model, seeds=SEEDS, rows=RAGGED, pad_value=1, key=0, **config):
     padding as history would change the repetition penalty)."""
     prompt, lengths = padded(rows, max(map(len, RAGGED)), pad_value)
     config = SamplingConfig(seed=seeds, **config)
-    return generate(model, prompt, key=jax.random.key(key), config=config, max_new_tokens=SMALL_NEW_TOKENS,
-                    prompt_lengths=lengths)
+    return generate(
+        model,
+        prompt,
+        key=jax.random.key(key),
+        config=config,
+        max_new_tokens=SMALL_NEW_TOKENS,
+        prompt_lengths=lengths,
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,8 +165,9 @@ def test_ragged_prompts_sampled_with_row_seeds_match_rows_alone(model):
         np.testing.assert_array_equal(out[b], np.asarray(alone.tokens[0]), err_msg=f"row {b}")
     # Row keys depend on the seeds, not on the batch: a reordered batch gives reordered rows.
     order = [2, 0, 3, 1]
-    shuffled = run_small(model, seeds=[SEEDS[i] for i in order], rows=[RAGGED[i] for i in order], key=5,
-                         **params)
+    shuffled = run_small(
+        model, seeds=[SEEDS[i] for i in order], rows=[RAGGED[i] for i in order], key=5, **params
+    )
     np.testing.assert_array_equal(np.asarray(shuffled.tokens), out[order])
     assert len({tuple(r) for r in out.tolist()}) == len(RAGGED)
 
@@ -263,8 +270,14 @@ def test_stream_gets_every_step_in_order(model):
     def stream(step, tokens):
         received.append((int(step), np.array(tokens)))
 
-    out = generate(model, tiled(PROMPT, 3), key=jax.random.key(8), config=SamplingConfig(temperature=1.2),
-                   max_new_tokens=7, stream=stream)
+    out = generate(
+        model,
+        tiled(PROMPT, 3),
+        key=jax.random.key(8),
+        config=SamplingConfig(temperature=1.2),
+        max_new_tokens=7,
+        stream=stream,
+    )
     jax.effects_barrier()
     assert [step for step, _ in received] == list(range(7))
     np.testing.assert_array_equal(np.stack([t for _, t in received], axis=1), np.asarray(out.tokens))
@@ -290,7 +303,8 @@ def test_bad_input_raises(model):
     with pytest.raises(ValueError, match="max_length"):
         generate(short, jnp.zeros((1, 5), jnp.int32), key=key, config=config, max_new_tokens=4)
     fits = jax.eval_shape(
-        lambda: generate(short, jnp.zeros((1, 5), jnp.int32), key=key, config=config, max_new_tokens=3))
+        lambda: generate(short, jnp.zeros((1, 5), jnp.int32), key=key, config=config, max_new_tokens=3)
+    )
     assert fits.tokens.shape == (1, 3)
     prompt = tiled(PROMPT, 2)
     for bad in (0, -1):
@@ -328,8 +342,12 @@ class LinenMarkov(nn.Module):
 
 def test_linen_model_generates(model):
     module = LinenMarkov(VOCAB)
-    variables = module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32),
-                            jnp.full((1, 4), -1, jnp.int32))
+    variables = module.init(
+        jax.random.key(0),
+        jnp.zeros((1, 2), jnp.int32),
+        jnp.zeros((1, 2), jnp.int32),
+        jnp.full((1, 4), -1, jnp.int32),
+    )
     assert variables["params"]["table"].shape == (VOCAB, VOCAB)
     linen = LinenModel(module, {"params": {"table": model.table}})
     assert linen.num_layers is None

@@ -16,22 +16,24 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sampling_reference import reference_process, softmax
+from sampling_reference import reference_process, softmax, state_after_generating
 
 from rtdlm.sampling import (
     DEFAULT_PROCESSORS,
     SamplingConfig,
-    SamplingState,
     apply_logit_bias,
+    apply_penalties,
     apply_presence_frequency_penalties,
     apply_repetition_penalty,
     apply_temperature,
     apply_truncation,
+    as_processor,
     chain,
     filter_min_p,
     filter_top_k,
     filter_top_p,
     filter_typical_p,
+    init_from_history,
     is_greedy,
     mask_banned_tokens,
     mask_eos_before_min_new_tokens,
@@ -191,20 +193,22 @@ def test_default_order_by_hand():
 def test_min_new_tokens_masks_eos_per_row():
     logits = jnp.zeros((3, 6), jnp.float32)
     config = SamplingConfig(min_new_tokens=[2, 2, 0], eos_token_id=[3, 3, 3])
-    history = jnp.array([[5, -1, -1], [5, 1, -1], [-1, -1, -1]], jnp.int32)
-    out = np.asarray(process_jit(logits, config, history))
+    generated = jnp.array([[5, -1, -1], [5, 1, -1], [-1, -1, -1]], jnp.int32)
+    state = state_after_generating(DEFAULT_PROCESSORS, generated, 6, config)
+    out = np.asarray(jax.jit(lambda x, c, s: process_logits(x, c, state=s))(logits, config, state))
     assert out[0, 3] == -np.inf  # one token generated < 2: EOS masked
     assert np.isfinite(out[1]).all()  # two generated: EOS allowed
     assert np.isfinite(out[2]).all()  # min_new_tokens 0
     ref = reference_process(
         np.asarray(logits),
-        token_history=np.asarray(history),
+        token_history=np.asarray(generated),
+        num_generated=np.sum(np.asarray(generated) >= 0, axis=1),
         min_new_tokens=[2, 2, 0],
         eos_token_id=[3, 3, 3],
     )
     np.testing.assert_array_equal(np.isfinite(out), ref.kept())
-    # without any history nothing was generated yet
-    out = np.asarray(process_jit(logits, SamplingConfig(min_new_tokens=1, eos_token_id=2)))
+    # standalone, a history is context: nothing was generated yet
+    out = np.asarray(process_jit(logits, SamplingConfig(min_new_tokens=1, eos_token_id=2), generated))
     assert (out[:, 2] == -np.inf).all() and np.isfinite(np.delete(out, 2, axis=1)).all()
 
 
@@ -220,18 +224,13 @@ def test_per_row_logit_bias_and_banned_tokens():
 
 
 # ---- each processor alone --------------------------------------------------------------------
-def _state(history, vocab):
-    history = jnp.asarray(history)
-    return SamplingState(token_counts(history, vocab), jnp.sum(history >= 0, axis=-1).astype(jnp.int32))
-
-
 @pytest.mark.parametrize("vocab", [300])
 def test_each_processor_alone_matches_reference(vocab):
     rng = np.random.default_rng(vocab)
     batch = 4
     logits = random_logits(rng, (batch, vocab), 2.0)
     history = random_history(rng, batch, vocab)
-    state = _state(history, vocab)
+    generated = np.sum(history >= 0, axis=1)
     x = jnp.asarray(logits)
     cases = [
         (apply_logit_bias, dict(logit_bias={0: 1.5, vocab - 1: -2.0})),
@@ -250,9 +249,13 @@ def test_each_processor_alone_matches_reference(vocab):
     ]
     for processor, params in cases:
         config = SamplingConfig(**params)
-        out = jax.jit(processor)(x, config, state)
-        ref = reference_process(logits, token_history=history, **params)
-        assert compare_rows(out, ref) >= 3, processor.__name__
+        if processor is mask_eos_before_min_new_tokens:  # state: tokens generated per row
+            state = jnp.asarray(generated, jnp.int32)
+        else:
+            state = init_from_history(processor, history, vocab, config)
+        out = jax.jit(as_processor(processor).process)(x, config, state)
+        ref = reference_process(logits, token_history=history, num_generated=generated, **params)
+        assert compare_rows(out, ref) >= 3, (processor, params)
 
 
 def test_temperature_leaves_greedy_rows_alone():
@@ -284,14 +287,15 @@ def test_chain_composes_left_to_right():
 
     @jax.jit
     def both_ways(x, config, history):
-        state = _state(history, x.shape[-1])
         by_hand = x
         for processor in steps:
-            by_hand = processor(by_hand, config, state)
+            processor = as_processor(processor)
+            by_hand = processor.process(by_hand, config, init_from_history(processor, history, 30, config))
+        chained = chain(*steps)
         return (
-            chain(*steps)(x, config, state),
+            chained.process(x, config, init_from_history(chained, history, 30, config)),
             by_hand,
-            DEFAULT_PROCESSORS(x, config, state),
+            process_logits(x, config, history, processors=DEFAULT_PROCESSORS),
             process_logits(x, config, history),
             process_logits(x, config, history, processors=chain(apply_temperature)),
         )
@@ -301,6 +305,13 @@ def test_chain_composes_left_to_right():
     np.testing.assert_array_equal(np.asarray(default), np.asarray(processed))
     # a custom chain is accepted by process_logits
     np.testing.assert_allclose(np.asarray(only_temperature), np.asarray(x) / 0.8, rtol=1e-6)
+
+
+def test_chains_of_equal_members_are_equal():
+    """A processor is a static argument: equal chains share one compiled program."""
+    assert chain(apply_temperature, apply_penalties) == chain(apply_temperature, apply_penalties)
+    assert hash(chain(apply_temperature)) == hash(chain(apply_temperature))
+    assert chain(apply_temperature) != chain(apply_truncation)
 
 
 # ---- the whole chain on many random configs -------------------------------------------------

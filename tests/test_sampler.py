@@ -17,15 +17,15 @@ from hypothesis import strategies as st
 from sampling_reference import reference_process
 
 from rtdlm.sampling import (
+    DEFAULT_PROCESSORS,
     SamplingConfig,
     SamplingResult,
-    SamplingState,
     TokenSampler,
     create_sampling_config_balanced,
     draw,
+    init_from_history,
     row_keys,
     sample,
-    token_counts,
 )
 
 sample_jit = jax.jit(sample)
@@ -169,7 +169,7 @@ def test_state_and_token_history_agree():
     logits = random_logits(4)
     history = jnp.asarray(np.random.default_rng(4).integers(-1, VOCAB, (BATCH, HISTORY)).astype(np.int32))
     config = rows(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.1, top_k=10)
-    state = SamplingState(token_counts(history, VOCAB), jnp.sum(history >= 0, axis=-1).astype(jnp.int32))
+    state = init_from_history(DEFAULT_PROCESSORS, history, VOCAB, config)
     a = sample_jit(jax.random.key(1), logits, config, history)
     b = jax.jit(lambda k, x, c, s: sample(k, x, c, state=s))(jax.random.key(1), logits, config, state)
     chex.assert_trees_all_close(a, b)

@@ -459,7 +459,10 @@ NON_REAL_VALUES = [None, 1j, 1 + 0j, np.complex64(1), {}, {"a": 1}, b"1", [0.5, 
 @pytest.mark.parametrize("value", NON_REAL_VALUES)
 def test_non_real_values_raise_one_error_naming_the_field(field, value):
     with pytest.raises((TypeError, ValueError), match=field):
-        SamplingConfig(**{field: value})
+        config = SamplingConfig(**{field: value})
+        # None is accepted by the constructor (JAX rebuilds trees with None placeholders)
+        # and rejected where the config is used
+        sample(jax.random.key(0), jnp.zeros(4), config)
 
 
 def test_seed_none_means_no_seed():

@@ -1,18 +1,30 @@
 """Decode loops that drive a model: plain, speculative and self-speculative generation."""
 
-from rtdlm.decoding.loop import GenerationOutput, generate
-from rtdlm.decoding.model import LinenModel
-from rtdlm.decoding.self_speculative import SelfSpeculativeDecoder, self_speculative_generate
-from rtdlm.decoding.speculative import SpeculativeDecoder, speculative_generate
+from rtdlm.decoding.common import GenerationOutput, emit_accepted
+from rtdlm.decoding.loop import generate
+from rtdlm.decoding.model import LinenModel, Model, SharesLayers
+from rtdlm.decoding.self_speculative import self_speculative_generate
+from rtdlm.decoding.speculative import Drafting, speculative_generate
 from rtdlm.decoding.verify import verify_drafts
 
 __all__ = [
+    "Drafting",
     "GenerationOutput",
     "LinenModel",
-    "SelfSpeculativeDecoder",
-    "SpeculativeDecoder",
+    "Model",
+    "SharesLayers",
+    "emit_accepted",
     "generate",
     "self_speculative_generate",
     "speculative_generate",
     "verify_drafts",
 ]
+
+
+def __getattr__(name):
+    # The guide's facades, for code that imported them from here before they moved.
+    if name in ("SpeculativeDecoder", "SelfSpeculativeDecoder"):
+        import rtdlm.guide
+
+        return getattr(rtdlm.guide, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,10 +17,38 @@ self-speculative decoding that reuses the draft's work, `embed(tokens) -> hidden
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
+import jax
 from flax import struct
+
+
+@runtime_checkable
+class Model(Protocol):
+    """The model contract (see the module docstring). Optional attributes: `num_layers`,
+    `max_length`, `vocab_size` (Python ints)."""
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, cache: Any, exit_layer: int | None = None
+    ) -> tuple[jax.Array, Any]: ...
+
+    def init_cache(self, batch_size: int, max_length: int) -> Any: ...
+
+
+@runtime_checkable
+class SharesLayers(Protocol):
+    """Optional methods that let self-speculative verification reuse the draft's work."""
+
+    num_layers: int
+
+    def embed(self, tokens: jax.Array) -> jax.Array: ...  # [B, T] -> hidden [B, T, D]
+
+    def run_layers(
+        self, hidden: jax.Array, positions: jax.Array, cache: Any, start: int, stop: int
+    ) -> tuple[jax.Array, Any]: ...  # layers start .. stop - 1
+
+    def logits(self, hidden: jax.Array) -> jax.Array: ...  # final norm + head: [B, T, V]
 
 
 @struct.dataclass

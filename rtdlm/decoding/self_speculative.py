@@ -13,20 +13,22 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rtdlm.decoding.loop import GenerationOutput, check_generation_args, with_eos
+from rtdlm.decoding.common import GenerationOutput, check_generation_args, with_eos
+from rtdlm.decoding.model import SharesLayers
 from rtdlm.decoding.speculative import (
-    DecoderFacade,
     Drafting,
+    check_has_rows,
     check_num_speculative_tokens,
     speculative_loop,
 )
-from rtdlm.sampling import SamplingConfig
+from rtdlm.sampling import DEFAULT_PROCESSORS, Processor, SamplingConfig, as_processor
 
 
 def check_early_exit_layer(model, early_exit_layer) -> None:
     """`early_exit_layer` must be an int in [1, num_layers - 1] (upper bound if known)."""
-    if isinstance(early_exit_layer, bool) or not isinstance(early_exit_layer, int):
+    if isinstance(early_exit_layer, (bool, np.bool_)) or not isinstance(early_exit_layer, (int, np.integer)):
         raise TypeError(f"early_exit_layer must be an int, got {early_exit_layer!r}")
     num_layers = getattr(model, "num_layers", None)
     if isinstance(num_layers, int) and not 1 <= early_exit_layer < num_layers:
@@ -39,10 +41,8 @@ def check_early_exit_layer(model, early_exit_layer) -> None:
 
 
 def can_share_layers(model) -> bool:
-    """Whether the model exposes `embed`, `run_layers` and `logits` (and `num_layers`)."""
-    return all(callable(getattr(model, name, None)) for name in ("embed", "run_layers", "logits")) and (
-        isinstance(getattr(model, "num_layers", None), int)
-    )
+    """Whether the model has the `SharesLayers` methods (and an int `num_layers`)."""
+    return isinstance(model, SharesLayers) and isinstance(getattr(model, "num_layers", None), int)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +87,14 @@ def self_speculative_generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     share_layers: bool | None = None,
+    processors: Processor = DEFAULT_PROCESSORS,
 ) -> GenerationOutput:
     """Speculative decoding with the model's first `early_exit_layer` layers as the draft.
 
     Lossless like `speculative_generate`: the output follows `generate(model, ...)` exactly.
     `share_layers` (default: when the model supports it) reuses the draft's hidden states
-    and cache in verification; `False` forces the full verification pass.
+    and cache in verification; `False` forces the full verification pass. `processors`:
+    as for `speculative_generate`.
     """
     check_num_speculative_tokens(num_speculative_tokens)
     check_early_exit_layer(model, early_exit_layer)
@@ -101,10 +103,18 @@ def self_speculative_generate(
     elif share_layers and not can_share_layers(model):
         raise ValueError("share_layers=True needs a model with embed, run_layers, logits and num_layers")
     prompt, lengths, cache_length = check_generation_args(
-        model, prompt_tokens, prompt_lengths, max_new_tokens, config, num_speculative_tokens
+        model,
+        prompt_tokens,
+        prompt_lengths,
+        max_new_tokens,
+        config,
+        num_speculative_tokens,
+        "the K speculative tokens",
     )
+    check_has_rows(prompt)
     return speculative_loop(
-        EarlyExit(early_exit_layer, share_layers),
+        as_processor(processors),
+        EarlyExit(int(early_exit_layer), share_layers),
         model,
         prompt,
         lengths,
@@ -115,29 +125,3 @@ def self_speculative_generate(
         max_new_tokens=max_new_tokens,
         cache_length=cache_length,
     )
-
-
-class SelfSpeculativeDecoder(DecoderFacade):
-    """The guide's facade for self-speculative decoding by early exit.
-
-    Example:
-        >>> self_spec = SelfSpeculativeDecoder(model=model, early_exit_layer=6, num_speculative_tokens=4)
-        >>> output = self_spec.generate(input_ids, max_new_tokens=100)
-    """
-
-    def __init__(
-        self,
-        model,
-        early_exit_layer: int,
-        num_speculative_tokens: int = 4,
-        config: SamplingConfig | None = None,
-        seed: int = 0,
-    ):
-        check_early_exit_layer(model, early_exit_layer)
-        super().__init__(num_speculative_tokens, config, seed)
-        self.model, self.early_exit_layer = model, early_exit_layer
-
-    def _decode(self, input_ids, **kwargs) -> GenerationOutput:
-        return self_speculative_generate(
-            self.model, input_ids, early_exit_layer=self.early_exit_layer, **kwargs
-        )

@@ -5,12 +5,18 @@ the target scores all K+1 positions in one forward pass, and `verify_drafts` acc
 prefix per row. Rows advance by their own accepted counts: positions and output offsets
 are per row, and rejected cache entries are simply overwritten later through positions.
 
+Stateful logits processors stay lossless: draft j is drawn from q_j processed with the
+processors' state after drafts < j, the target's p_j is processed with that same state,
+and after verification each row keeps the state at its accepted prefix, updated with the
+token that follows it.
+
 The loop is written once over a `Drafting` strategy (prefill / draft step / verify pass);
 the draft-model strategy lives here, the early-exit one in `self_speculative.py`.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from typing import Any
@@ -18,22 +24,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from rtdlm.decoding.loop import (
+from rtdlm.decoding.common import (
     GenerationOutput,
-    add_tokens,
     check_generation_args,
+    emit_accepted,
     last_prompt_logits,
     output_lengths,
-    prompt_history,
-    sample_next,
+    sample_tokens,
+    vocab_size,
     with_eos,
 )
 from rtdlm.decoding.verify import verify_drafts
-from rtdlm.sampling import SamplingConfig, SamplingState, draw, probabilities, process_logits, row_keys
+from rtdlm.sampling import (
+    DEFAULT_PROCESSORS,
+    Processor,
+    SamplingConfig,
+    as_processor,
+    draw,
+    probabilities,
+    row_keys,
+)
 
 
-class Drafting:
+class Drafting(abc.ABC):
     """How a speculative decoder drafts and verifies; `models` and `caches` are PyTrees.
 
     draft(models, caches, tokens [B, 1], positions [B, 1]) -> (logits [B, V], caches, saved)
@@ -44,14 +59,17 @@ class Drafting:
       every token up to the last draft, so the next round feeds it only the new last token.
     """
 
+    @abc.abstractmethod
     def prefill(self, models, prompt, positions, cache_length) -> tuple[jax.Array, Any]:
-        raise NotImplementedError
+        """(logits [B, P, V], caches) for the prompt, caches of `cache_length` slots."""
 
-    def draft(self, models, caches, tokens, positions):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def draft(self, models, caches, tokens, positions) -> tuple[jax.Array, Any, Any]:
+        """One draft step (see the class docstring)."""
 
-    def verify(self, models, caches, tokens, positions, saved):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def verify(self, models, caches, tokens, positions, saved) -> tuple[jax.Array, Any]:
+        """The verify pass (see the class docstring)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +96,9 @@ class DraftModel(Drafting):
         return logits, (target_cache, draft_cache)
 
 
-def vocab_size(model) -> int:
-    """`model.vocab_size` if it is an int, else from one abstract (shape-only) forward pass."""
-    if isinstance(getattr(model, "vocab_size", None), int):
-        return model.vocab_size
-    one = jnp.zeros((1, 1), jnp.int32)
-    shape = jax.eval_shape(lambda m: m(one, one, m.init_cache(1, 1))[0], model)
-    return shape.shape[-1]
+def check_has_rows(prompt) -> None:
+    if prompt.shape[0] == 0:
+        raise ValueError("speculative decoding needs at least one prompt row, got a batch of 0")
 
 
 def check_num_speculative_tokens(num_speculative_tokens) -> None:
@@ -106,13 +120,15 @@ def speculative_generate(
     prompt_lengths=None,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    processors: Processor = DEFAULT_PROCESSORS,
 ) -> GenerationOutput:
     """Speculative decoding: the output follows exactly what `generate(target_model, ...)`
     samples with the same config (and greedy rows are token-for-token identical).
 
     Args and result as `generate`, plus `draft_model` (same vocabulary) and
     `num_speculative_tokens` (K, drafts per round). `GenerationOutput.num_drafted` and
-    `.num_accepted` count the draft tokens proposed and accepted per row.
+    `.num_accepted` count the draft tokens proposed and accepted per row. `processors`
+    (any stateful chain) process both the draft's q and the target's p.
     """
     check_num_speculative_tokens(num_speculative_tokens)
     target_vocab, draft_vocab = vocab_size(target_model), vocab_size(draft_model)
@@ -121,9 +137,17 @@ def speculative_generate(
             f"draft_model's vocabulary ({draft_vocab}) differs from target_model's ({target_vocab})"
         )
     prompt, lengths, cache_length = check_generation_args(
-        target_model, prompt_tokens, prompt_lengths, max_new_tokens, config, num_speculative_tokens
+        target_model,
+        prompt_tokens,
+        prompt_lengths,
+        max_new_tokens,
+        config,
+        num_speculative_tokens,
+        "the K speculative tokens",
     )
+    check_has_rows(prompt)
     return speculative_loop(
+        as_processor(processors),
         DraftModel(),
         (target_model, draft_model),
         prompt,
@@ -137,10 +161,36 @@ def speculative_generate(
     )
 
 
+@struct.dataclass
+class SpeculativeState:
+    """The carry of the speculative loop (one iteration = one round)."""
+
+    round: jax.Array  # [] int32
+    caches: Any  # the drafting strategy's caches
+    processor_state: Any  # the processors' state after every emitted token (leaves [B, ...])
+    last: jax.Array  # [B] the last emitted token, not yet fed to the models
+    position: jax.Array  # [B] its position
+    emitted: jax.Array  # [B] tokens emitted so far
+    done: jax.Array  # [B] bool: EOS emitted or the output is full
+    tokens: jax.Array  # [B, N] the output
+    num_drafted: jax.Array  # [B] draft tokens proposed
+    num_accepted: jax.Array  # [B] draft tokens accepted
+
+
+def _stack_rows(stacked, final):
+    """Per-position states: [K, B, ...] leaves and the [B, ...] state after all K drafts ->
+    [B, K+1, ...] (position j: the state after drafts < j)."""
+    return jax.tree.map(
+        lambda s, f: jnp.concatenate([jnp.swapaxes(s, 0, 1), f[:, None]], axis=1), stacked, final
+    )
+
+
 @functools.partial(
-    jax.jit, static_argnames=("drafting", "num_speculative_tokens", "max_new_tokens", "cache_length")
+    jax.jit,
+    static_argnames=("processors", "drafting", "num_speculative_tokens", "max_new_tokens", "cache_length"),
 )
 def speculative_loop(
+    processors,
     drafting: Drafting,
     models,
     prompt,
@@ -161,158 +211,79 @@ def speculative_loop(
     logits, caches = drafting.prefill(models, prompt, positions, cache_length)
     logits = last_prompt_logits(logits, lengths)
     eos = jnp.broadcast_to(jnp.asarray(config.eos_token_id, jnp.int32), (batch,))
-    counts = prompt_history(prompt, lengths, logits.shape[-1])
+    every_row = jnp.ones(batch, bool)
+    processor_state = processors.init(prompt, lengths, logits.shape[-1], config)
 
     # The first new token comes straight from the target's prefill logits.
-    first = sample_next(jax.random.fold_in(key, 0), logits, config, counts, jnp.zeros(batch, jnp.int32))
-    out = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
+    first = sample_tokens(jax.random.fold_in(key, 0), logits, config, processors, processor_state)
     zeros = jnp.zeros(batch, jnp.int32)
-    # Round state: (round, caches, history counts [B, V], last emitted token, not yet
-    #   fed to the models [B], its position [B], tokens emitted [B], finished [B],
-    #   output [B, N], drafted [B], accepted [B])
-    state = (
-        1,
-        caches,
-        add_tokens(counts, first, jnp.ones(batch, bool)),
-        first,
-        lengths,
-        jnp.ones(batch, jnp.int32),
-        (first == eos) | (max_new_tokens == 1),
-        out,
-        zeros,
-        zeros,
+    init = SpeculativeState(
+        round=jnp.ones((), jnp.int32),
+        caches=caches,
+        processor_state=processors.update(processor_state, first, every_row, config),
+        last=first,
+        position=lengths,
+        emitted=jnp.ones(batch, jnp.int32),
+        done=(first == eos) | (max_new_tokens == 1),
+        tokens=jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first),
+        num_drafted=zeros,
+        num_accepted=zeros,
     )
 
-    def draft_round(caches, last, position, counts, draft_key, emitted):
+    def draft_round(s: SpeculativeState, draft_key):
         """K drafts, one token fed per step (`last`, then each draft)."""
 
         def step(carry, j):
-            caches, previous, counts = carry
-            logits, caches, saved = drafting.draft(models, caches, previous[:, None], (position + j)[:, None])
-            processed = process_logits(logits, config, state=SamplingState(counts, emitted + j))
-            q = probabilities(processed)  # [B, V], the distribution draft j is drawn from
+            caches, previous, state = carry
+            logits, caches, saved = drafting.draft(
+                models, caches, previous[:, None], (s.position + j)[:, None]
+            )
+            q = probabilities(processors.process(logits, config, state))  # [B, V], draft j's distribution
             drafted = draw(row_keys(jax.random.fold_in(draft_key, j), config, batch), q)
-            counts_after = add_tokens(counts, drafted, jnp.ones(batch, bool))
-            return (caches, drafted, counts_after), (drafted, q, counts, saved)
+            state_after = processors.update(state, drafted, every_row, config)
+            return (caches, drafted, state_after), (drafted, q, state, saved)
 
-        (caches, _, counts), stacked = jax.lax.scan(step, (caches, last, counts), jnp.arange(k))
-        return caches, counts, stacked
+        carry = (s.caches, s.last, s.processor_state)
+        (caches, _, final_state), (drafts, q, states, saved) = jax.lax.scan(step, carry, jnp.arange(k))
+        return caches, drafts.T, jnp.swapaxes(q, 0, 1), _stack_rows(states, final_state), saved
 
-    def one_round(state):
-        r, caches, counts, last, position, emitted, done, out, drafted_n, accepted_n = state
-        round_key = jax.random.fold_in(key, r)
-        draft_key, accept_key, resample_key = jax.random.split(round_key, 3)
-        caches, counts_all, (drafts, q, draft_counts, saved) = draft_round(
-            caches, last, position, counts, draft_key, emitted
-        )
-        drafts, q = drafts.T, jnp.swapaxes(q, 0, 1)  # [B, K], [B, K, V]
+    def one_round(s: SpeculativeState) -> SpeculativeState:
+        draft_key, accept_key, resample_key = jax.random.split(jax.random.fold_in(key, s.round), 3)
+        # drafts [B, K], q [B, K, V], states: leaves [B, K+1, ...]
+        caches, drafts, q, states, saved = draft_round(s, draft_key)
 
-        verify_tokens = jnp.concatenate([last[:, None], drafts], axis=1)  # [B, K+1]
-        verify_positions = position[:, None] + jnp.arange(k + 1)[None]
+        verify_tokens = jnp.concatenate([s.last[:, None], drafts], axis=1)  # [B, K+1]
+        verify_positions = s.position[:, None] + jnp.arange(k + 1)[None]
         logits, caches = drafting.verify(models, caches, verify_tokens, verify_positions, saved)
-        # p_j sees the history plus drafts before j: the draft steps' counts, then all K.
-        history = jnp.concatenate([draft_counts, counts_all[None]], axis=0)  # [K+1, B, V]
-        history = jnp.swapaxes(history, 0, 1).reshape(batch * (k + 1), -1)
-        processed = process_logits(
-            logits.reshape(batch * (k + 1), -1).astype(jnp.float32),
-            config.repeat_rows(k + 1),
-            state=SamplingState(history, (emitted[:, None] + jnp.arange(k + 1)[None]).reshape(-1)),
+        # p_j is processed with the state after drafts < j, as q_j was: all K+1 positions as rows.
+        flat_states = jax.tree.map(lambda x: x.reshape(batch * (k + 1), *x.shape[2:]), states)
+        processed = processors.process(
+            logits.reshape(batch * (k + 1), -1).astype(jnp.float32), config.repeat_rows(k + 1), flat_states
         )
         p = probabilities(processed).reshape(batch, k + 1, -1)
         num_accepted, next_token = verify_drafts(
             row_keys(accept_key, config, batch), row_keys(resample_key, config, batch), p, q, drafts
         )
-
-        # Emit drafts[:a] then next_token, cut after an EOS and at max_new_tokens.
-        slot = jnp.arange(k + 1)[None]  # [1, K+1]
-        new = jnp.where(slot < num_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])
-        new = jnp.where(slot <= num_accepted[:, None], new, pad_token_id)
-        is_eos = (new == eos[:, None]) & (slot <= num_accepted[:, None])
-        upto_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1) + 1, num_accepted + 1)
-        count = jnp.where(done, 0, jnp.minimum(upto_eos, max_new_tokens - emitted))  # [B]
-        write = slot < count[:, None]
-        out = out.at[rows[:, None], jnp.where(write, emitted[:, None] + slot, max_new_tokens)].set(
-            new, mode="drop"
+        out = emit_accepted(
+            s.tokens, s.emitted, s.last, s.done, drafts, num_accepted, next_token, eos, pad_token_id
         )
-        counts = counts.at[rows[:, None], new].add(write.astype(counts.dtype))
-        last_index = jnp.maximum(count - 1, 0)
-        new_last = jnp.where(count > 0, new[rows, last_index], last)
-        active = ~done
-        done = done | jnp.any(is_eos & write, 1) | (emitted + count >= max_new_tokens)
-        return (
-            r + 1,
-            caches,
-            counts,
-            new_last,
-            position + count,
-            emitted + count,
-            done,
-            out,
-            drafted_n + k * active,
-            accepted_n + num_accepted * active,
+        # Rows that go on wrote every accepted draft and next_token; the others are done.
+        accepted_state = jax.tree.map(lambda x: x[rows, num_accepted], states)
+        active = ~s.done
+        return SpeculativeState(
+            round=s.round + 1,
+            caches=caches,
+            processor_state=processors.update(accepted_state, next_token, ~out.done, config),
+            last=out.last,
+            position=s.position + out.count,
+            emitted=s.emitted + out.count,
+            done=out.done,
+            tokens=out.tokens,
+            num_drafted=s.num_drafted + k * active,
+            num_accepted=s.num_accepted + num_accepted * active,
         )
 
-    state = jax.lax.while_loop(lambda s: ~jnp.all(s[6]), one_round, state)
-    out = state[7]
-    return GenerationOutput(out, output_lengths(out, eos), state[8], state[9])
-
-
-class DecoderFacade:
-    """What the guide's decoder facades share: K, a default config and a PRNG key stream
-    (each `generate` call without a `key` takes the next one, so calls differ but replay)."""
-
-    def __init__(self, num_speculative_tokens: int, config: SamplingConfig | None, seed: int):
-        check_num_speculative_tokens(num_speculative_tokens)
-        self.num_speculative_tokens = num_speculative_tokens
-        self.config = SamplingConfig() if config is None else config
-        self._key = jax.random.key(seed)
-
-    def generate(
-        self,
-        input_ids,
-        max_new_tokens: int = 100,
-        *,
-        config: SamplingConfig | None = None,
-        key: jax.Array | None = None,
-        **kwargs,
-    ) -> GenerationOutput:
-        """Generates `max_new_tokens` after `input_ids` ([B, P] or [P]); extra keyword
-        arguments (`prompt_lengths`, `eos_token_id`, ...) go to the decoding function."""
-        if key is None:
-            self._key, key = jax.random.split(self._key)
-        return self._decode(
-            input_ids,
-            key=key,
-            config=config or self.config,
-            max_new_tokens=max_new_tokens,
-            num_speculative_tokens=self.num_speculative_tokens,
-            **kwargs,
-        )
-
-    def _decode(self, input_ids, **kwargs) -> GenerationOutput:
-        raise NotImplementedError
-
-
-class SpeculativeDecoder(DecoderFacade):
-    """The guide's facade for draft-model speculative decoding.
-
-    Example:
-        >>> speculative = SpeculativeDecoder(target_model=main_model, draft_model=draft_model,
-        ...                                  num_speculative_tokens=4)
-        >>> output = speculative.generate(input_ids, max_new_tokens=100)
-        >>> output.tokens, output.num_accepted / output.num_drafted
-    """
-
-    def __init__(
-        self,
-        target_model,
-        draft_model,
-        num_speculative_tokens: int = 4,
-        config: SamplingConfig | None = None,
-        seed: int = 0,
-    ):
-        super().__init__(num_speculative_tokens, config, seed)
-        self.target_model, self.draft_model = target_model, draft_model
-
-    def _decode(self, input_ids, **kwargs) -> GenerationOutput:
-        return speculative_generate(self.target_model, self.draft_model, input_ids, **kwargs)
+    final = jax.lax.while_loop(lambda s: ~jnp.all(s.done), one_round, init)
+    return GenerationOutput(
+        final.tokens, output_lengths(final.tokens, eos), final.num_drafted, final.num_accepted
+    )

@@ -15,21 +15,27 @@ from rtdlm.sampling.config import (
 from rtdlm.sampling.filters import truncate
 from rtdlm.sampling.processors import (
     DEFAULT_PROCESSORS,
+    LogitsProcessor,
     Processor,
-    SamplingState,
     apply_logit_bias,
+    apply_penalties,
     apply_presence_frequency_penalties,
     apply_repetition_penalty,
     apply_temperature,
     apply_truncation,
+    as_processor,
+    bad_words,
     chain,
     filter_min_p,
     filter_top_k,
     filter_top_p,
     filter_typical_p,
+    init_from_history,
     is_greedy,
     mask_banned_tokens,
     mask_eos_before_min_new_tokens,
+    mask_token_ids,
+    no_repeat_ngram,
     token_counts,
 )
 from rtdlm.sampling.sampler import (
@@ -47,12 +53,13 @@ _DECODERS = ("SpeculativeDecoder", "SelfSpeculativeDecoder")
 
 
 def __getattr__(name):
-    # The guide imports the speculative decoders from the sampling module; they live in
-    # rtdlm.decoding (which imports this package), so they are resolved lazily.
+    # The guide imports its decoder facades from the sampling module; they live in
+    # rtdlm.guide (which imports the decoders), so they are resolved lazily: importing
+    # rtdlm.sampling never imports rtdlm.decoding.
     if name in _DECODERS:
-        import rtdlm.decoding
+        import rtdlm.guide
 
-        return getattr(rtdlm.decoding, name)
+        return getattr(rtdlm.guide, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -61,16 +68,19 @@ __all__ = [
     "SpeculativeDecoder",
     "DEFAULT_PROCESSORS",
     "PRESETS",
+    "LogitsProcessor",
     "Processor",
     "SamplingConfig",
     "SamplingResult",
-    "SamplingState",
     "TokenSampler",
     "apply_logit_bias",
+    "apply_penalties",
     "apply_presence_frequency_penalties",
     "apply_repetition_penalty",
     "apply_temperature",
     "apply_truncation",
+    "as_processor",
+    "bad_words",
     "chain",
     "create_sampling_config_balanced",
     "create_sampling_config_creative",
@@ -81,9 +91,12 @@ __all__ = [
     "filter_top_k",
     "filter_top_p",
     "filter_typical_p",
+    "init_from_history",
     "is_greedy",
     "mask_banned_tokens",
     "mask_eos_before_min_new_tokens",
+    "mask_token_ids",
+    "no_repeat_ngram",
     "probabilities",
     "process_logits",
     "row_keys",

@@ -192,6 +192,8 @@ def _stored_logit_bias(value: Any) -> bool:
     if not (isinstance(value, tuple) and len(value) == 2):
         return False
     ids, biases = value
+    if ids is None and biases is None:  # `tree_map` placeholders
+        return True
     if any(x is None or isinstance(x, (numbers.Number, str, bytes, list, tuple, Mapping)) for x in value):
         return False
     arrays = isinstance(ids, (np.ndarray, jax.Array)) and isinstance(biases, (np.ndarray, jax.Array))
@@ -263,12 +265,12 @@ class SamplingConfig:
     vocab_axis: str | None = struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
-        # Also runs when JAX rebuilds the tree from tracers: check only concrete values.
+        # Also runs when JAX rebuilds the tree from tracers, or with None at every leaf
+        # (`tree_map` placeholders): check only concrete values here; `check_complete`
+        # rejects a None numeric field where a config is used.
         for name in _FIELDS:
             value = getattr(self, name)
-            if value is None and name == "seed":
-                continue  # no seed: rows draw from the key given to `sample`
-            if value is None or _is_concrete(value):
+            if value is not None and _is_concrete(value):
                 object.__setattr__(self, name, _as_field_array(name, value))
         bias = self.logit_bias
         if isinstance(bias, Mapping) or (
@@ -294,6 +296,13 @@ class SamplingConfig:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SamplingConfig.{name} must be a positive Python int, got {value!r}")
         _check_ngram_fields(self)
+
+    def check_complete(self) -> None:
+        """Raises `TypeError` naming a numeric field that is None (only `seed` may be):
+        the decoders and `sample` call this at the Python boundary."""
+        for name in _FIELDS:
+            if name != "seed" and getattr(self, name) is None:
+                raise TypeError(f"SamplingConfig.{name} must be a number or a [B] array of numbers, got None")
 
     def batch_size(self) -> int | None:
         """The B of the `[B]` fields, or None if every field is a scalar."""

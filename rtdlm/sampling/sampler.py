@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +11,7 @@ from flax import struct
 from jax import lax
 
 from rtdlm.sampling.config import SamplingConfig
-from rtdlm.sampling.processors import (
-    DEFAULT_PROCESSORS,
-    Processor,
-    SamplingState,
-    token_counts,
-)
+from rtdlm.sampling.processors import DEFAULT_PROCESSORS, Processor, as_processor, init_from_history
 from rtdlm.sampling.vocab import LOCAL, Vocab
 
 _DRAW_BLOCK = 256  # two-level inverse CDF: cumsum over blocks, then inside one block
@@ -62,6 +59,7 @@ def _as_batch(logits, token_history):
 def _check_config(config: SamplingConfig, batch: int, squeeze: bool) -> None:
     if not isinstance(config, SamplingConfig):
         raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    config.check_complete()
     rows = config.batch_size()
     if rows is not None and (rows != batch or squeeze):
         raise ValueError(
@@ -70,20 +68,12 @@ def _check_config(config: SamplingConfig, batch: int, squeeze: bool) -> None:
         )
 
 
-def _state_from_history(token_history, vocab: int, config: SamplingConfig) -> SamplingState:
-    if token_history is None:
-        return SamplingState()
-    num_generated = jnp.sum(token_history >= 0, axis=-1).astype(jnp.int32)
-    first_id = Vocab(config.vocab_axis).offset(vocab)
-    return SamplingState(token_counts(token_history, vocab, first_id), num_generated)
-
-
 def process_logits(
     logits: jax.Array,
     config: SamplingConfig,
     token_history: jax.Array | None = None,
     *,
-    state: SamplingState | None = None,
+    state: Any = None,
     processors: Processor = DEFAULT_PROCESSORS,
 ) -> jax.Array:
     """The whole processor chain: `[V]` or `[B, V]` logits -> float32, removed tokens -inf.
@@ -91,16 +81,21 @@ def process_logits(
     Args:
       logits: [V] or [B, V], any float dtype (computed in float32).
       config: the sampling settings (scalars or one value per row).
-      token_history: [H] or [B, H] previously seen token ids, -1 = padding. It feeds the
-        penalties, and its non-padding length counts as the tokens generated so far.
-      state: instead of `token_history`, precomputed counts (what the decode loop keeps).
-      processors: the chain to apply (default: `DEFAULT_PROCESSORS`).
+      token_history: [H] or [B, H] previously seen token ids, -1 = padding: the context the
+        processors' state is initialised from (`init_from_history`), e.g. for the penalties.
+        Standalone calls count no tokens as generated (`min_new_tokens`); pass `state` for that.
+      state: instead of `token_history`, the processors' state (what the decode loops keep;
+        always with the batch axis, also for `[V]` logits).
+      processors: a `LogitsProcessor` or plain function (default: `DEFAULT_PROCESSORS`).
     """
     logits, token_history, squeeze = _as_batch(logits, token_history)
     _check_config(config, logits.shape[0], squeeze)
+    processors = as_processor(processors)
     if state is None:
-        state = _state_from_history(token_history, logits.shape[1], config)
-    processed = processors(logits, config, state)
+        if token_history is None:
+            token_history = jnp.zeros((logits.shape[0], 0), jnp.int32)
+        state = init_from_history(processors, token_history, logits.shape[1], config)
+    processed = processors.process(logits, config, state)
     return processed[0] if squeeze else processed
 
 
@@ -217,7 +212,7 @@ def sample(
     config: SamplingConfig,
     token_history: jax.Array | None = None,
     *,
-    state: SamplingState | None = None,
+    state: Any = None,
     processors: Processor = DEFAULT_PROCESSORS,
 ) -> SamplingResult:
     """Samples one token per row. Pure: jit- and vmap-able; values in `config` are traced.
@@ -228,6 +223,7 @@ def sample(
       config: `SamplingConfig`; greedy rows (temperature 0 or do_sample False) take the
         argmax of the processed logits and report probability 1.
       token_history: [H] or [B, H] int token ids, -1 = padding (for the penalties).
+      state, processors: as for `process_logits`.
 
     Outcome for degenerate rows: NaN logits count as removed; a row with nothing finite
     samples uniformly (greedy: token 0). The result never holds NaN.

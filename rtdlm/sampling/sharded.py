@@ -23,23 +23,16 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from rtdlm.sampling import (
-    SamplingConfig,
-    SamplingResult,
-    SamplingState,
-    process_logits,
-    row_keys,
-    sample_processed,
-)
-
-_PER_ROW_MATRICES = ("banned_token_ids", "logit_bias")  # per-row when [B, N], shared when [N]
+from rtdlm.sampling.config import SamplingConfig
+from rtdlm.sampling.processors import DEFAULT_PROCESSORS, Processor, as_processor
+from rtdlm.sampling.sampler import SamplingResult, process_logits, row_keys, sample_processed
 
 
-def config_partition_specs(config: SamplingConfig, batch_axis: str) -> SamplingConfig:
+def config_partition_specs(config: SamplingConfig, batch_axis: str | None) -> SamplingConfig:
     """A PartitionSpec per config leaf: per-row values split over `batch_axis`, others replicated."""
 
     def spec(path, leaf):
-        per_row_ndim = 2 if path[0].name in _PER_ROW_MATRICES else 1
+        per_row_ndim = SamplingConfig.row_ndim(path[0].name)
         if jnp.ndim(leaf) != per_row_ndim:
             return P()
         return P(batch_axis, *([None] * (per_row_ndim - 1)))
@@ -47,7 +40,22 @@ def config_partition_specs(config: SamplingConfig, batch_axis: str) -> SamplingC
     return jax.tree_util.tree_map_with_path(spec, config)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "batch_axis", "vocab_axis"))
+def state_partition_specs(state, vocab_size: int, batch_axis: str | None, vocab_axis: str):
+    """A PartitionSpec per processor-state leaf: the batch axis first; a leaf whose last axis
+    is the whole vocabulary (`[B, ..., V]`, e.g. token counts) is split like the logits."""
+
+    def spec(leaf):
+        ndim = jnp.ndim(leaf)
+        if ndim == 0:
+            return P()
+        if ndim >= 2 and jnp.shape(leaf)[-1] == vocab_size:
+            return P(batch_axis, *([None] * (ndim - 2)), vocab_axis)
+        return P(batch_axis, *([None] * (ndim - 1)))
+
+    return jax.tree.map(spec, state)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "batch_axis", "vocab_axis", "processors"))
 def sharded_sample(
     mesh: Mesh,
     key: jax.Array,
@@ -55,17 +63,23 @@ def sharded_sample(
     config: SamplingConfig,
     token_history: jax.Array | None = None,
     *,
-    state: SamplingState | None = None,
+    state=None,
     batch_axis: str | None = "data",
     vocab_axis: str = "model",
+    processors: Processor = DEFAULT_PROCESSORS,
 ) -> SamplingResult:
     """`rtdlm.sampling.sample` for `[B, V]` logits sharded as `P(batch_axis, vocab_axis)`.
 
     Args:
       mesh: the device mesh; `batch_axis` may be None (batch replicated).
       key, config, token_history: as for `sample` (`token_history` [B, H], -1 = padding).
-      state: instead of `token_history`, the decode loop's `SamplingState`; its
-        `token_counts` [B, V] is split like the logits.
+      state: instead of `token_history`, the processors' state (the decode loop's); leaves
+        shaped `[B, ..., V]` are split like the logits, the others over `batch_axis`.
+      processors: as for `sample`. Inside `shard_map` each one sees this device's
+        `[B/d, V/m]` block and `config.vocab_axis` names the vocabulary axis: the
+        `rtdlm.sampling.vocab.Vocab` helpers give its token ids and whole-row reductions.
+        The built-in processors all work on blocks; a processor that needs whole rows must
+        gather them itself (`Vocab.gather`).
 
     Returns:
       `SamplingResult`; `all_probabilities` is sharded like the logits, the rest is split
@@ -77,19 +91,15 @@ def sharded_sample(
     config = config.replace(vocab_axis=vocab_axis)
     rows, split = P(batch_axis), P(batch_axis, vocab_axis)  # split: like the logits
     out_specs = SamplingResult(rows, rows, rows, split, P(batch_axis, None), P(batch_axis, None))
-    if state is None:
-        state = SamplingState()
-    state_specs = SamplingState(
-        None if state.token_counts is None else split,
-        None if state.num_generated is None else rows,
+    processors = as_processor(processors)
+    state_specs = (
+        None if state is None else state_partition_specs(state, logits.shape[1], batch_axis, vocab_axis)
     )
     history_spec = None if token_history is None else P(batch_axis, None)
     in_specs = (rows, split, config_partition_specs(config, batch_axis), history_spec, state_specs)
 
     def local(keys, logits, config, token_history, state):
-        if state.token_counts is None and state.num_generated is None:
-            state = None
-        processed = process_logits(logits, config, token_history, state=state)
+        processed = process_logits(logits, config, token_history, state=state, processors=processors)
         return sample_processed(keys, processed, config.num_top_tokens, vocab_axis)
 
     # check_vma=False: cond branches mix device-varying and replicated values; every output
