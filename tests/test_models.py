@@ -288,3 +288,72 @@ def test_widen_mlp_keeps_the_function_and_adds_the_weights(model):
     assert param_count(wide) - param_count(model) == model.num_layers * 3 * d_model * 96
     with pytest.raises(ValueError, match="mlp_dim"):
         widen_mlp(model, model.config.mlp_dim - 1)
+
+
+WINDOWED = dict(SMALL, attention_window=8)
+
+
+@pytest.fixture(scope="module")
+def windowed_model():
+    return _randomize_head(create_model(WINDOWED, nnx.Rngs(0)))
+
+
+def test_windowed_cache_matches_full_forward_past_the_window(windowed_model):
+    """A prefill longer than the window, then one-token steps and (K + 1)-token verification
+    blocks with rollbacks, rows at different positions, in a cache 6 windows long: every
+    call's logits equal the full forward pass of the sequence it has seen (the forward pass
+    attends by position, not through the cache)."""
+    model, batch, num_slots = windowed_model, 2, 48
+    window = model.config.attention_window
+    stream = _tokens(batch, num_slots, seed=11)
+    cache = model.init_cache(batch, num_slots)
+    lengths = np.array([13, 10])  # right-padded prefill longer than the window
+    _, cache = _call(model, stream[:, :13], _positions(batch, 13), cache)
+    sequences = [list(np.asarray(stream[b, :n])) for b, n in enumerate(lengths)]
+    rng = np.random.default_rng(0)
+    checked_past_window = 0
+    for call in range(12):
+        width = 1 if call % 3 == 0 else 4  # a decode step, or a K=3 verification block
+        positions = jnp.asarray(lengths[:, None] + np.arange(width)[None], jnp.int32)  # [B, T]
+        tokens = jnp.asarray(rng.integers(0, 256, (batch, width)), jnp.int32)
+        got, cache = _call(model, tokens, positions, cache)
+        for b in range(batch):
+            seen = sequences[b] + list(np.asarray(tokens[b]))
+            # Padded to one length (causal: the padding after it changes nothing): one compile.
+            padded = jnp.asarray(seen + [0] * (num_slots - len(seen)), jnp.int32)[None]
+            reference, _ = _call(model, padded, _positions(1, num_slots), None)
+            np.testing.assert_allclose(got[b], reference[0, lengths[b]:len(seen)], atol=1e-5)
+        checked_past_window += int(np.sum(lengths >= window))
+        # Keep a random number of the block's tokens (0 .. T): the rest are rolled back.
+        kept = rng.integers(0, width + 1, batch) if width > 1 else np.ones(batch, int)
+        for b in range(batch):
+            sequences[b] += list(np.asarray(tokens[b, :kept[b]]))
+        lengths = lengths + kept
+    assert lengths.max() + 4 <= num_slots and checked_past_window > 10
+
+
+def test_prefill_longer_than_the_window_then_decode(windowed_model):
+    model = windowed_model
+    tokens = _tokens(1, 30, seed=12)
+    full, _ = _call(model, tokens, _positions(1, 30), None)
+    logits, cache = _call(model, tokens[:, :20], _positions(1, 20), model.init_cache(1, 64))
+    pieces = [logits]
+    for t in range(20, 30):
+        logits, cache = _call(model, tokens[:, t:t + 1], _positions(1, 1, t), cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
+def test_windowed_decode_step_cost_does_not_grow_with_the_cache(windowed_model):
+    """A one-token step reads the window's slots only: its flop count is the same for a cache
+    of 16 slots and of 1024 (without a window it grows with the cache)."""
+
+    def step_flops(model, num_slots):
+        cache = model.init_cache(2, num_slots)
+        step = jax.jit(lambda m, t, p, c: m(t, p, c))
+        args = (jnp.zeros((2, 1), jnp.int32), jnp.full((2, 1), num_slots - 1, jnp.int32), cache)
+        return step.lower(model, *args).compile().cost_analysis()["flops"]
+
+    assert step_flops(windowed_model, 16) == step_flops(windowed_model, 1024)
+    unwindowed = create_model(dict(SMALL, attention_window=None), nnx.Rngs(0))
+    assert step_flops(unwindowed, 1024) > step_flops(unwindowed, 16)

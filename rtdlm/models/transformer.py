@@ -22,7 +22,11 @@ only (and, with a sliding `attention_window` W, to slots `> p - W`). Slots
 beyond a row's position are ignored and later overwritten, so rolling back
 rejected speculative tokens is just passing smaller positions on the next
 call. Writes at positions `>= S` are dropped, so the cache must have at least
-as many slots as the largest position + 1.
+as many slots as the largest position + 1. With a window, a call reads only
+the W + T - 1 slots its queries can see (a per-row dynamic slice), so a decode
+step costs the same at any cache length; this needs each row's positions in
+one call to lie within T consecutive positions (max - min <= T - 1), as every
+prefill, decode step and verification block does.
 
 Positions: rotary embeddings are relative and the attention window equals the
 training sequence length, so there is no hard positional limit
@@ -183,25 +187,46 @@ class Attention(nnx.Module):
         """Writes row b's token t (k, v: [B, T, H, Dh]) into slot positions[b, t].
 
         The cache holds keys [B*H, Dh, S] and values [B*H, S, Dh]: the layouts both attention
-        matmuls read as they are, so XLA updates the cache in place and never copies it (a
-        separate size-1 batch axis would make it copy the cache at B=1). Writes at slots
-        >= S are dropped.
+        matmuls read as they are. The write is a scatter into that merged layout (a
+        dynamic-update-slice at B=1), so XLA updates the cache in place, touching only the T
+        written slots: a select over every slot, or a scatter through a reshaped view, would
+        cost O(S) per step (the view makes XLA copy the cache). Writes at slots >= S are
+        dropped.
         """
         cache_k, cache_v = cache
         batch, length, heads, head_dim = k.shape
+        rows = jnp.arange(batch * heads)[:, None]  # [N, 1], broadcasts against [N, T]
+        slots = jnp.repeat(positions, heads, axis=0)  # [N, T]
+        new_k = k.transpose(0, 2, 1, 3).reshape(batch * heads, length, head_dim)  # [N, T, Dh]
+        new_v = v.transpose(0, 2, 1, 3).reshape(batch * heads, length, head_dim)
+        # The advanced indices (rows, slots) come first in the update: [N, T, Dh] for both.
+        keys = cache_k.at[rows, :, slots].set(new_k.astype(cache_k.dtype), mode="drop")
+        values = cache_v.at[rows, slots].set(new_v.astype(cache_v.dtype), mode="drop")
+        return keys, values
+
+    def _visible_slots(self, cache: LayerCache, positions):
+        """The cache slots a call's queries may attend to: keys [N, Dh, W'], values [N, W', Dh]
+        and their slot numbers [B, W'].
+
+        Without a window that is the whole cache (W' = S). With a window W, row b's queries
+        (at most T consecutive positions ending at m = max_t positions[b, t]) see only slots
+        m - W - T + 2 .. m, so each row reads W' = W + T - 1 slots from where its window
+        starts: a decode step costs the same at any cache length.
+        """
+        cache_k, cache_v = cache
         num_slots = cache_v.shape[1]
-        if length == 1:  # one token per row: a select over the slots beats a scatter
-            hit = jnp.repeat(positions == jnp.arange(num_slots)[None], heads, axis=0)  # [N, S]
-            new_k = k.reshape(batch * heads, head_dim, 1).astype(cache_k.dtype)
-            new_v = v.reshape(batch * heads, 1, head_dim).astype(cache_v.dtype)
-            return jnp.where(hit[:, None, :], new_k, cache_k), jnp.where(hit[:, :, None], new_v, cache_v)
-        rows = jnp.arange(batch)[:, None]  # [B, 1], broadcasts against [B, T]
-        # The advanced indices (rows, positions) come first in the update: [B, T, H, Dh].
-        keys = cache_k.reshape(batch, heads, head_dim, num_slots)
-        keys = keys.at[rows, :, :, positions].set(k.astype(keys.dtype), mode="drop")
-        values = cache_v.reshape(batch, heads, num_slots, head_dim)
-        values = values.at[rows, :, positions].set(v.astype(values.dtype), mode="drop")
-        return keys.reshape(cache_k.shape), values.reshape(cache_v.shape)
+        batch = positions.shape[0]
+        span = num_slots if self.window is None else min(num_slots, self.window + positions.shape[1] - 1)
+        if span == num_slots:
+            return cache_k, cache_v, jnp.broadcast_to(jnp.arange(num_slots), (batch, num_slots))
+        # Clipped into the cache: positions >= S (writes dropped) see the last W' slots.
+        first = jnp.clip(jnp.max(positions, axis=1) - span + 1, 0, num_slots - span)  # [B]
+        rows_k = cache_k.reshape(batch, -1, *cache_k.shape[1:])  # [B, H, Dh, S]
+        rows_v = cache_v.reshape(batch, -1, *cache_v.shape[1:])  # [B, H, S, Dh]
+        keys = jax.vmap(lambda c, f: jax.lax.dynamic_slice_in_dim(c, f, span, axis=2))(rows_k, first)
+        values = jax.vmap(lambda c, f: jax.lax.dynamic_slice_in_dim(c, f, span, axis=1))(rows_v, first)
+        slots = first[:, None] + jnp.arange(span)[None]  # [B, W']
+        return (keys.reshape(-1, *keys.shape[2:]), values.reshape(-1, *values.shape[2:]), slots)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
@@ -219,17 +244,16 @@ class Attention(nnx.Module):
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, T, T]
             attended = jnp.einsum("bhts,bshd->bthd", probs, v)  # [B, T, H, Dh]
         else:
-            cache = cache_k, cache_v = self._write_cache(cache, k, v, positions)
-            heads = self.num_heads
-            num_slots = cache_v.shape[1]
-            # Attend to the whole cache (slot = position), batch and heads merged into N = B*H.
+            cache = self._write_cache(cache, k, v, positions)
+            keys, values, slots = self._visible_slots(cache, positions)  # [N, Dh, W'], [N, W', Dh], [B, W']
+            heads, span = self.num_heads, slots.shape[1]
+            # Batch and heads merged into N = B*H, the cache's own layout.
             q_n = q.transpose(0, 2, 1, 3).reshape(batch * heads, length, self.head_dim)  # [N, T, Dh]
-            scores = jnp.einsum("ntd,nds->nts", q_n, cache_k.astype(q.dtype))  # [N, T, S]
-            slots = jnp.broadcast_to(jnp.arange(num_slots), (batch, num_slots))
-            scores = self._mask(positions, slots, scores.reshape(batch, heads, length, num_slots))
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, T, S]
+            scores = jnp.einsum("ntd,nds->nts", q_n, keys.astype(q.dtype))  # [N, T, W']
+            scores = self._mask(positions, slots, scores.reshape(batch, heads, length, span))
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, T, W']
             attended = jnp.einsum(
-                "nts,nsd->ntd", probs.reshape(batch * heads, length, num_slots), cache_v.astype(v.dtype)
+                "nts,nsd->ntd", probs.reshape(batch * heads, length, span), values.astype(v.dtype)
             )  # [N, T, Dh]
             attended = attended.reshape(batch, heads, length, self.head_dim).transpose(0, 2, 1, 3)
         return self.out(attended.reshape(batch, length, -1)), cache  # [B, T, D]
