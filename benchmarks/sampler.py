@@ -23,7 +23,7 @@ Each JAX method runs `--steps` sampling steps inside one compiled `lax.scan`
 neither hoist the work out of the loop nor share it across steps. Config values are passed
 to the compiled programs as arguments (traced), as a decode loop would pass them.
 
-Two logits distributions (float32, fixed seeds):
+Three logits distributions (float32, fixed seeds):
 
   lm-like  2.5 * N(0, 1) over the vocabulary, plus 8 "likely" tokens per row set to
            row_max + h * (1, 7/8, ..., 1/8) with h ~ U(2.5, 5) per row. At temperature 0.7
@@ -32,6 +32,9 @@ Two logits distributions (float32, fixed seeds):
   flat     N(0, 1). The 0.9 nucleus at temperature 0.7 is ~14000 of 32000 tokens, so
            rtdlm's top-p-only path takes its exact full-vocabulary fallback (with top-k 50
            on, the chain stays on the fast path).
+  lm-like-bf16  lm-like rounded to bfloat16 values (float32 arrays, as a bf16 model's
+           logits after the upcast): many ties at the 128th-largest value, which once sent
+           every batch down the full-vocabulary fallback.
 
 Before timing, the kept sets of rtdlm's `process_logits` and of the reference chain are
 compared on the benchmark's logits (`kept_sets`, in the JSON), to show they compute the same
@@ -82,6 +85,7 @@ from benchmarks._timing import (
     write_json,
 )
 from rtdlm.sampling import SamplingConfig, process_logits, sample
+from rtdlm.sampling.filters import _candidate_keep
 
 TEMPERATURE = 0.7
 TOP_K = 50
@@ -101,6 +105,7 @@ DISTRIBUTIONS = {
     "lm-like": "2.5*N(0,1) plus 8 tokens per row at row_max + h*(1, 7/8, ..., 1/8), "
                "h ~ U(2.5, 5) per row",
     "flat": "N(0,1)",
+    "lm-like-bf16": "lm-like rounded to bfloat16 values (float32 arrays)",
 }
 DEFAULT_SHAPES = {
     "cpu": ((8, 32000), (32, 32000), (8, 128256)),
@@ -138,6 +143,9 @@ RATIOS = {  # name -> (numerator method, denominator method)
 # ---- inputs --------------------------------------------------------------------------------
 def make_logits(distribution: str, batch: int, vocab: int, seed: int = 0) -> np.ndarray:
     """[B, V] float32 logits of the named distribution (see the module docstring)."""
+    if distribution.endswith("-bf16"):  # the same values as the base distribution, rounded
+        base = make_logits(distribution.removesuffix("-bf16"), batch, vocab, seed)
+        return base.astype(jnp.bfloat16).astype(np.float32)
     rng = np.random.default_rng([seed, batch, vocab, list(DISTRIBUTIONS).index(distribution)])
     if distribution == "flat":
         return rng.standard_normal((batch, vocab), dtype=np.float32)
@@ -272,10 +280,22 @@ def _processed_pairs(logits, history, chain_config, top_p_config, chain_params, 
     }
 
 
+@jax.jit
+def _fast_path_rows(logits, chain_config, top_p_config):
+    """Rows whose truncation rtdlm's candidates provably cover, per config, on logits /
+    temperature (the chain's repetition penalty is left out: it moves only history tokens)."""
+    rows = {}
+    for name, c in (("chain", chain_config), ("top_p", top_p_config)):
+        params = [jnp.broadcast_to(v, logits.shape[:1]) for v in (c.top_k, c.top_p, c.min_p, c.typical_p)]
+        rows[name] = jnp.sum(_candidate_keep(logits / c.temperature, *params, c.num_candidates)[1])
+    return rows
+
+
 def kept_sets(logits: np.ndarray, history: np.ndarray) -> dict[str, Any]:
     """Per config: rows where rtdlm and the reference keep different tokens, kept sizes."""
     pairs = _processed_pairs(jnp.asarray(logits), jnp.asarray(history), CHAIN_CONFIG,
                              TOP_P_CONFIG, reference_params(True), reference_params(False))
+    fast_rows = _fast_path_rows(jnp.asarray(logits), CHAIN_CONFIG, TOP_P_CONFIG)
     out = {}
     for name, (ours, theirs) in pairs.items():
         ours, theirs = np.isfinite(np.asarray(ours)), np.isfinite(np.asarray(theirs))
@@ -287,6 +307,8 @@ def kept_sets(logits: np.ndarray, history: np.ndarray) -> dict[str, Any]:
             # inferred: rtdlm stays on its candidate fast path when every row's kept set
             # fits in its `num_candidates` largest logits (else one lax.cond fallback)
             "rtdlm_fast_path_expected": bool(kept.max() <= CHAIN_CONFIG.num_candidates),
+            # measured (filters._candidate_keep): the batch takes the fast path iff all rows
+            "rtdlm_fast_path_rows": int(fast_rows[name]),
         }
     return out
 
@@ -453,7 +475,9 @@ def print_case(case: dict[str, Any]) -> None:
     print(f"{case['shape']:>12} {case['distribution']:<8} nucleus(0.9) median "
           f"{case['nucleus_0.9_at_T0.7']['median']:.0f}, kept-set rows differing "
           f"{case['kept_sets']['chain']['rows_differing']} (chain) "
-          f"{case['kept_sets']['top_p']['rows_differing']} (top-p)")
+          f"{case['kept_sets']['top_p']['rows_differing']} (top-p); candidates cover "
+          f"{case['kept_sets']['chain']['rtdlm_fast_path_rows']} (chain) "
+          f"{case['kept_sets']['top_p']['rtdlm_fast_path_rows']} (top-p) of {case['B']} rows")
     for name, timing in case["methods"].items():
         ops = case["compiled_ops"].get(name)
         ops = f"  (HLO: {ops['topk']} TopK, {ops['sort']} sort)" if ops else ""

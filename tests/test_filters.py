@@ -158,15 +158,25 @@ def test_fallback_is_taken_and_exact(name, scales, params, num_candidates):
     assert_same_kept_set(out, reference(logits, **params))
 
 
-def test_ties_straddling_the_last_candidate_force_the_fallback():
-    # 20 tokens tied at the 4th-largest value: 16 candidates can't tell which ties to keep.
+def test_ties_straddling_the_last_candidate():
+    # 20 tokens tied at the 4th-largest value: the 16 candidates hold 13 of them.
     logits = np.full((BATCH, WIDE), -5.0, np.float32)
     logits[:, :3] = [3.0, 2.0, 1.0]
     logits[:, 3:23] = 0.5
+    # Top-k alone: the 5th value is the tie's value whichever ties are candidates, so the
+    # fast path is exact (it keeps all 20 ties, applying its threshold to the whole row).
     out, widths = run(logits, 16, top_k=5)
-    assert WIDE in widths, widths
+    assert widths == [16], widths
     for row in out:  # top 3 + all 20 ties with the 5th value
         np.testing.assert_array_equal(np.flatnonzero(np.isfinite(row)), np.arange(23))
+    # Top-k then top-p: the top-k renormaliser needs the 7 ties outside the candidates.
+    out, widths = run(logits, 16, top_k=5, top_p=0.99)
+    assert WIDE in widths, widths
+    assert_same_kept_set(out, reference(logits, top_k=5, top_p=0.99))
+    # Typical-p whose kept set reaches the tie: its entropy needs all of them.
+    out, widths = run(logits, 16, min_p=np.exp(0.5 - 3.0) * 0.99, typical_p=0.99)
+    assert WIDE in widths, widths
+    assert_same_kept_set(out, reference(logits, min_p=np.exp(0.5 - 3.0) * 0.99, typical_p=0.99))
 
 
 def test_rows_with_few_finite_logits_stay_on_the_fast_path():
@@ -357,3 +367,146 @@ def test_signed_zeros_are_ties_under_jit():
     assert keys[0] == keys[1]
     # -0.0 == 0.0: top_k=1 must keep all three zeros (ties with the k-th value)
     assert run_rows([[-0.0, 0.0, -1.0, -0.0]], top_k=1) == [[1, 1, 0, 1]]
+
+
+# ---- low-precision-valued logits: ties at the last candidate (issue 12) ---------------------
+def as_bf16_values(x):
+    """float32 array whose values are bfloat16-rounded (what a bf16 model's logits hold)."""
+    return np.array(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+
+
+def outside_ties(logits, num_candidates):
+    """[B] how many tokens outside the candidates tie with the last candidate's value."""
+    last = -np.sort(-logits, axis=-1)[:, num_candidates - 1]
+    return (logits >= last[:, None]).sum(axis=-1) - num_candidates
+
+
+def per_row(value, dtype, batch):
+    return jnp.broadcast_to(jnp.asarray(value, dtype), (batch,))
+
+
+@jax.jit
+def full_rule_keep(logits, top_k, top_p, min_p, typical_p):
+    """The full-vocabulary rule's kept set (no candidates)."""
+    greedy = jnp.zeros(logits.shape[0], bool)
+    return jnp.isfinite(
+        truncate(logits, top_k, top_p, min_p, typical_p, greedy, num_candidates=logits.shape[-1])
+    )
+
+
+candidate_keep = jax.jit(filters._candidate_keep, static_argnames="num_candidates")
+
+
+def candidates_vs_full(logits, num_candidates, *, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0):
+    """(kept by the candidates alone [B, V], covered [B], kept by the full rule [B, V])."""
+    batch = logits.shape[0]
+    params = (
+        per_row(top_k, jnp.int32, batch),
+        per_row(top_p, jnp.float32, batch),
+        per_row(min_p, jnp.float32, batch),
+        per_row(typical_p, jnp.float32, batch),
+    )
+    keep, covered = candidate_keep(jnp.asarray(logits), *params, num_candidates=num_candidates)
+    keep = np.asarray(keep) & (np.asarray(logits, np.float32) > -np.inf)  # as truncate removes -inf
+    return keep, np.asarray(covered), np.asarray(full_rule_keep(jnp.asarray(logits), *params))
+
+
+BALANCED_ROWS = dict(  # the balanced preset's filters, and each filter alone
+    top_k=[50, 0, 0, 100],
+    top_p=[0.9, 0.8, 1.0, 1.0],
+    min_p=[0.0, 0.0, 0.05, 0.0],
+)
+
+
+@pytest.mark.parametrize("rounding", ["bfloat16", "float16"])
+def test_low_precision_valued_logits_take_the_fast_path(rounding):
+    rng = np.random.default_rng(12)
+    logits = (rng.normal(size=(BATCH, WIDE)) * np.array([[2.0], [4.0], [3.0], [1.5]])).astype(np.float32)
+    logits = np.array(jnp.asarray(logits, rounding).astype(jnp.float32))
+    logits[:, 0] = np.max(logits, axis=-1)  # ties at the top too
+    if rounding == "bfloat16":  # (float16's 10 mantissa bits rarely tie at V=1000)
+        assert (outside_ties(logits, 128) > 0).sum() >= 2  # the old condition fell back on these
+    out, widths = run(logits, 128, **BALANCED_ROWS)
+    assert widths == [128], widths  # candidates only: no full-vocabulary pass
+    full, _ = run(logits, WIDE, **BALANCED_ROWS)
+    np.testing.assert_array_equal(out, full)
+    assert_same_kept_set(out, reference(logits, **BALANCED_ROWS), check_margin=False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_arrays_match_their_float32_values(dtype):
+    rng = np.random.default_rng(13)
+    logits = jnp.asarray(rng.normal(size=(BATCH, WIDE)) * 3.0, dtype)
+    dtypes = (jnp.int32, jnp.float32, jnp.float32)
+    params = [per_row(v, d, BATCH) for v, d in zip(BALANCED_ROWS.values(), dtypes, strict=True)]
+    typical = per_row(1.0, jnp.float32, BATCH)
+    _, covered = candidate_keep(logits, *params, typical, num_candidates=128)
+    assert np.asarray(covered).all()
+    greedy = jnp.zeros(BATCH, bool)
+    got = jax.jit(truncate)(logits, *params, typical, greedy)
+    want = jax.jit(truncate)(logits.astype(jnp.float32), *params, typical, greedy)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_kept_set(np.asarray(got), reference(np.asarray(logits, np.float32), **BALANCED_ROWS))
+
+
+def test_adversarial_ties_at_the_last_candidate():
+    # 16 candidates; a tie group of 20 tokens at 0.5 whose first 13 are candidates, so 3
+    # candidates lie strictly above `last` and 7 ties lie outside.
+    logits = np.full((8, WIDE), -5.0, np.float32)
+    logits[:, :3] = [3.0, 2.0, 1.0]
+    logits[:, 3:23] = 0.5
+    mass = np.exp(np.array([3.0, 2.0, 1.0] + [0.5] * 20 + [-5.0] * (WIDE - 23)))
+    first_three = mass[:3].sum() / mass.sum()
+    # After top-k 5 (all 23 kept) a top-p between these keeps all 23 on the full row, but
+    # only 2 tokens on the candidates' mass (which misses 7 ties).
+    m3, tie = mass[:3].sum(), mass[3]
+    p_between = (m3 / (m3 + 20 * tie) + m3 / (m3 + 13 * tie)) / 2
+    cases = [  # (params, covered): why
+        (dict(top_k=3, top_p=0.99), True),  # k-th value above `last`: no tie involved
+        (dict(top_k=5), True),  # the k-th value is `last` whichever ties are candidates
+        (dict(top_k=5, top_p=p_between), False),  # top-p's renormaliser needs the outside ties
+        (dict(top_p=first_three * 0.999), True),  # crossing above `last`
+        (dict(top_p=first_three * 1.01), True),  # crossing at `last`: all 20 ties kept
+        (dict(top_p=0.999), False),  # crossing beyond the candidates
+        (dict(min_p=0.01), True),  # min-p's threshold needs only the row's maximum
+        (dict(top_k=3, typical_p=0.9), True),  # typical-p over a kept set above `last`
+    ]
+    rows = [params for params, _ in cases]
+    params = {
+        name: [row.get(name, default) for row in rows]
+        for name, default in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("typical_p", 1.0))
+    }
+    keep, covered, full = candidates_vs_full(logits, 16, **params)
+    np.testing.assert_array_equal(covered, [want for _, want in cases])
+    np.testing.assert_array_equal(keep[covered], full[covered])
+    ref = reference(logits, **params)
+    np.testing.assert_array_equal(full, ref.kept())
+    assert full[2].sum() == 23 and keep[2].sum() == 2  # the uncovered row needed the fallback
+
+
+@pytest.mark.parametrize("num_candidates", [4, 16, 40])
+def test_covered_rows_keep_exactly_the_full_rule_under_heavy_ties(num_candidates):
+    """Soundness of the condition: on rows with few distinct values (ties everywhere, at
+    the last candidate in particular), wherever a row is covered the candidates' kept set
+    is the full rule's."""
+    rng = np.random.default_rng(num_candidates)
+    batch, vocab = 512, 64
+    levels = rng.integers(3, 12, size=(batch, 1))
+    logits = (rng.integers(0, 1000, size=(batch, vocab)) % levels).astype(np.float32) * 0.5
+    logits[rng.random((batch, vocab)) < 0.1] = -np.inf
+    logits = as_bf16_values(logits * rng.uniform(0.5, 3.0, size=(batch, 1)))
+    near_c = num_candidates + rng.integers(-6, 3, size=batch)
+    params = dict(
+        top_k=np.where(rng.random(batch) < 0.6, np.clip(near_c, 0, vocab), 0),
+        top_p=np.where(rng.random(batch) < 0.6, rng.uniform(0.05, 1.0, batch), 1.0),
+        min_p=np.where(rng.random(batch) < 0.3, rng.uniform(0.0, 0.5, batch), 0.0),
+        typical_p=np.where(rng.random(batch) < 0.3, rng.uniform(0.2, 1.0, batch), 1.0),
+    )
+    keep, covered, full = candidates_vs_full(logits, num_candidates, **params)
+    assert 0.1 < covered.mean() < 0.95, covered.mean()  # both outcomes exercised
+    mismatched = np.flatnonzero(covered & (keep != full).any(axis=-1))
+    assert mismatched.size == 0, mismatched
+    assert (outside_ties(np.where(np.isnan(logits), -np.inf, logits), num_candidates)[covered] > 0).any()
+    ref = reference(logits, **params)
+    np.testing.assert_array_equal(full, ref.kept())

@@ -6,9 +6,12 @@ on the float32 bit patterns mapped to order-preserving uint32 keys (`_largest_th
 all pairs at once for narrow rows, radix select for wide ones), exact, ties kept.
 
 Fast path: the searches run on the `num_candidates` largest logits of each row
-(`lax.top_k`), which is exact whenever the kept set provably lies inside them (top-k <= C,
-the top-p crossing reached inside the candidates, no ties straddling the last candidate).
-Otherwise (`lax.cond`, whole batch) the same searches run on the full vocabulary.
+(`lax.top_k`), which is exact whenever the candidates provably give the full row's
+thresholds (`_candidate_rule`): top-k <= C and the top-p crossing reached inside the
+candidates; ties of the last candidate's value outside the candidates (common with
+bfloat16-valued logits) matter only where top-k and top-p both reach down to that value,
+or typical-p's kept set does. Otherwise (`lax.cond`, whole batch) the same searches run on
+the full vocabulary.
 
 Tie rule: tokens whose logit equals the threshold are all kept (top-k keeps ties with the
 k-th value, top-p keeps ties with the crossing token); HF transformers breaks such ties by
@@ -180,42 +183,19 @@ def truncate(
     shards = Vocab(vocab_axis)
     local_vocab = logits.shape[-1]
     vocab = shards.size(local_vocab)
-    z = jnp.where(jnp.isnan(logits), -jnp.inf, logits.astype(jnp.float32))
-    z = jnp.minimum(z, jnp.finfo(jnp.float32).max)
-    z = jnp.where((shards.max(z) == -jnp.inf)[:, None], 0.0, z)  # empty rows
-    row_max = shards.max(z)  # [B], finite
-
-    top_k = jnp.where((top_k > 0) & (top_k < vocab), top_k, 0).astype(jnp.int32)
-    top_p = jnp.clip(jnp.nan_to_num(top_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
-    typical_p = jnp.clip(jnp.nan_to_num(typical_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
-    min_p = jnp.clip(jnp.nan_to_num(min_p, nan=0.0), 0.0, 1.0)
+    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, vocab, shards)
+    top_k, top_p, min_p, typical_p = params
     filtering = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0) | (typical_p < 1.0)  # [B]
 
     def filtered():
         total_mass = shards.sum(jnp.exp(z - row_max[:, None]))
-        min_p_key = order_key(row_max + jnp.log(min_p))  # min-p relative to the top token
-        params = (top_k, top_p, min_p_key, typical_p)
         if num_candidates >= vocab and not shards.sharded:
-            return _keep_rule(z, row_max, total_mass, *params)[0].keep(z)
-        candidates = lax.top_k(z, min(num_candidates, local_vocab))[0]  # [B, C], descending
-        if shards.sharded:  # the row's top C are among the devices' top Cs
-            candidates = lax.top_k(shards.gather(candidates), min(num_candidates, vocab))[0]
-        rule, p_reached = _keep_rule(candidates, row_max, total_mass, *params)
-        # == candidates[:, -1]; slicing the top_k output would stop XLA on CPU from using its
-        # TopK kernel (it falls back to sorting the whole row).
-        last = jnp.min(candidates, axis=-1)
-        every_finite_inside = last == -jnp.inf  # the rest of the row is -inf: no mass
-        # (a float count: exact below 2**24 and cheaper than an integer sum on CPU)
-        no_straddling_ties = shards.sum((z >= last[:, None]).astype(jnp.float32)) == candidates.shape[-1]
-        kept_inside = rule.threshold >= order_key(last)
-        covered = p_reached & (
-            every_finite_inside
-            | (no_straddling_ties & (top_k <= candidates.shape[-1]) & ((typical_p >= 1.0) | kept_inside))
-        )
+            return _keep_rule(z, row_max, total_mass, *_rule_params(row_max, *params))[0].keep(z)
+        rule, covered = _candidate_rule(z, row_max, total_mass, params, num_candidates, shards)
         rule = lax.cond(
             jnp.all(covered),
             lambda: rule,
-            lambda: _keep_rule(z, row_max, total_mass, *params, shards)[0],
+            lambda: _keep_rule(z, row_max, total_mass, *_rule_params(row_max, *params), shards)[0],
         )
         return rule.keep(z)
 
@@ -229,3 +209,65 @@ def truncate(
 
     keep = lax.cond(jnp.any(greedy), greedy_rows, lambda: keep)
     return jnp.where(keep, z, -jnp.inf)
+
+
+def _prepare(logits, top_k, top_p, min_p, typical_p, vocab, shards):
+    """float32 logits with NaN -> -inf, +inf -> max float, empty rows -> 0; [B] row max;
+    the parameters clamped to their documented ranges."""
+    z = jnp.where(jnp.isnan(logits), -jnp.inf, logits.astype(jnp.float32))
+    z = jnp.minimum(z, jnp.finfo(jnp.float32).max)
+    z = jnp.where((shards.max(z) == -jnp.inf)[:, None], 0.0, z)  # empty rows
+    row_max = shards.max(z)  # [B], finite
+    top_k = jnp.where((top_k > 0) & (top_k < vocab), top_k, 0).astype(jnp.int32)
+    top_p = jnp.clip(jnp.nan_to_num(top_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
+    typical_p = jnp.clip(jnp.nan_to_num(typical_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
+    min_p = jnp.clip(jnp.nan_to_num(min_p, nan=0.0), 0.0, 1.0)
+    return z, row_max, (top_k, top_p, min_p, typical_p)
+
+
+def _rule_params(row_max, top_k, top_p, min_p, typical_p):
+    min_p_key = order_key(row_max + jnp.log(min_p))  # min-p relative to the top token
+    return top_k, top_p, min_p_key, typical_p
+
+
+def _candidate_rule(z, row_max, total_mass, params, num_candidates, shards=LOCAL):
+    """The rule computed on each row's `num_candidates` largest logits, and per row [B]
+    whether it provably keeps exactly what the full-vocabulary rule keeps."""
+    top_k, top_p, _, typical_p = params
+    vocab = shards.size(z.shape[-1])
+    candidates = lax.top_k(z, min(num_candidates, z.shape[-1]))[0]  # [B, C], descending
+    if shards.sharded:  # the row's top C are among the devices' top Cs
+        candidates = lax.top_k(shards.gather(candidates), min(num_candidates, vocab))[0]
+    rule, p_reached = _keep_rule(candidates, row_max, total_mass, *_rule_params(row_max, *params))
+    # == candidates[:, -1]; slicing the top_k output would stop XLA on CPU from using its
+    # TopK kernel (it falls back to sorting the whole row).
+    last = jnp.min(candidates, axis=-1)  # [B]
+    width = candidates.shape[-1]
+    above_last = jnp.sum((candidates > last[:, None]).astype(jnp.int32), axis=-1)  # [B]
+    # Ties with `last` outside the candidates, the one [B, V] pass here (a float count:
+    # exact below 2**24 and cheaper than an integer sum on CPU).
+    no_outside_ties = shards.sum((z >= last[:, None]).astype(jnp.float32)) == width
+    last_key = order_key(last)
+    # (1) The k-th largest value is a candidate's whenever k <= C, ties or not, so the top-k
+    # threshold is exact. (2) Top-p's crossing, if reached inside the candidates, is exact
+    # (above `last` the candidates hold the whole row; at `last` the full row has at least
+    # their mass) given the right normaliser: the top-k kept mass misses the ties with
+    # `last` outside the candidates only when top-k reaches down to `last`. (3) Typical-p's
+    # entropy needs the whole kept set inside the candidates.
+    k_exact = top_k <= width
+    normaliser_exact = (top_p >= 1.0) | (top_k == 0) | (top_k <= above_last) | no_outside_ties
+    kept_inside = (rule.threshold > last_key) | ((rule.threshold == last_key) & no_outside_ties)
+    typical_exact = (typical_p >= 1.0) | kept_inside
+    every_finite_inside = last == -jnp.inf  # the rest of the row is -inf: no mass
+    covered = p_reached & (every_finite_inside | (k_exact & normaliser_exact & typical_exact))
+    return rule, covered
+
+
+def _candidate_keep(logits, top_k, top_p, min_p, typical_p, num_candidates: int = 128):
+    """What the fast path alone would keep for `[B, V]` logits ([B, V] bool), and per row
+    [B] whether that is provably the full-vocabulary rule's kept set (`truncate` takes the
+    fast path iff every row is covered). Shows tests and benchmarks which path runs."""
+    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, logits.shape[-1], LOCAL)
+    total_mass = jnp.sum(jnp.exp(z - row_max[:, None]), axis=-1)
+    rule, covered = _candidate_rule(z, row_max, total_mass, params, num_candidates)
+    return rule.keep(z), covered
