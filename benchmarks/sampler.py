@@ -38,7 +38,10 @@ Three logits distributions (float32, fixed seeds):
 
 Before timing, the kept sets of rtdlm's `process_logits` and of the reference chain are
 compared on the benchmark's logits (`kept_sets`, in the JSON), to show they compute the same
-thing.
+thing. (With bfloat16 values a row can differ by a tie at the top-p crossing: rtdlm keeps
+every token tied with the crossing token, the sort reference only those sorted before it.)
+`rtdlm_fast_path_rows` counts the rows rtdlm's candidates cover (the batch takes the fast
+path iff all do).
 
 Usage:
   .venv/bin/python benchmarks/sampler.py                       # default shapes for the device
