@@ -71,3 +71,55 @@ def test_readme_mesh_blocks_run_on_8_devices():
         cwd=REPO_ROOT,
     )
     assert run.returncode == 0 and "ok" in run.stdout, run.stdout + run.stderr
+
+
+# ---- the package's docstring examples ---------------------------------------------------------
+DOCTEST_MODULES = (
+    "rtdlm.decoding.loop",
+    "rtdlm.decoding.model",
+    "rtdlm.guide",
+    "rtdlm.models",
+    "rtdlm.models.transformer",
+    "rtdlm.sampling.config",
+    "rtdlm.sampling.sampler",
+    "rtdlm.sampling.sharded",
+)
+
+
+def _doctest_fixtures() -> dict:
+    """Names the docstring examples assume exist (small fakes: the examples run in seconds)."""
+    import jax.numpy as jnp
+
+    from rtdlm.decoding.testing import random_markov_model
+    from rtdlm.sampling import SamplingConfig, create_sampling_config_balanced
+
+    main_model = random_markov_model(64, seed=0, num_layers=8)
+    return {
+        "jax": jax,
+        "jnp": jnp,
+        "logits": jax.random.normal(jax.random.key(1), (64,)) * 2,
+        "config": SamplingConfig(temperature=0.7),
+        "create_sampling_config_balanced": create_sampling_config_balanced,
+        "model": main_model,
+        "main_model": main_model,
+        "draft_model": random_markov_model(64, seed=1),
+        "prompt": jnp.array([[1, 2, 3]], jnp.int32),
+        "input_ids": jnp.array([[1, 2, 3, 4]], jnp.int32),
+    }
+
+
+def test_docstring_examples_are_true():
+    import doctest
+    import importlib
+
+    finder, fixtures = doctest.DocTestFinder(), _doctest_fixtures()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    examples = 0
+    for name in DOCTEST_MODULES:
+        module = importlib.import_module(name)
+        for test in finder.find(module, name, extraglobs=fixtures):
+            examples += len(test.examples)
+            runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.attempted >= 15, (results.attempted, examples)
+    assert results.failed == 0, f"{results.failed} docstring example(s) failed (printed above)"

@@ -59,8 +59,8 @@ class LinenModel:
     `(logits, cache)` and it must define `init_cache(batch_size, max_length)`.
 
     Example:
-        >>> model = LinenModel(module, module.init(rng, tokens, positions, cache))
-        >>> generate(model, prompt, key=key, config=config, max_new_tokens=32)
+        >>> model = LinenModel(module, module.init(rng, tokens, positions, cache))  # doctest: +SKIP
+        >>> out = generate(model, prompt, key=key, config=config, max_new_tokens=32)  # doctest: +SKIP
     """
 
     module: nn.Module = struct.field(pytree_node=False)

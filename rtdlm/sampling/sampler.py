@@ -1,4 +1,4 @@
-"""`sample()`: process -> truncate -> draw, and the guide's `TokenSampler` facade."""
+"""`sample()`: process -> truncate -> draw (the guide's `TokenSampler` lives in `rtdlm.guide`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jax import lax
 
@@ -230,69 +229,11 @@ def sample(
 
     Example:
       >>> result = sample(jax.random.key(0), logits, SamplingConfig(temperature=0.7, top_p=0.9))
-      >>> result.token_id, result.probability
+      >>> result.token_id.shape, result.probability.dtype  # logits [V]: one token
+      ((), dtype('float32'))
     """
     logits, token_history, squeeze = _as_batch(logits, token_history)
     processed = process_logits(logits, config, token_history, state=state, processors=processors)
     keys = row_keys(key, config, logits.shape[0])
     result = sample_processed(keys, processed, config.num_top_tokens, config.vocab_axis)
     return jax.tree.map(lambda x: x[0], result) if squeeze else result
-
-
-_sample_jit = jax.jit(sample, static_argnames="processors")
-
-
-class TokenSampler:
-    """The guide's facade: `TokenSampler().sample(logits, config, token_history=[...])`.
-
-    Keeps its own PRNG key, so consecutive calls draw fresh tokens and a new sampler with
-    the same seed (`config.seed`, else `seed` here) replays the same sequence. Each call is
-    one compiled program per shape; new config values do not recompile. The history is
-    padded with -1 to 64, 128, 256, ... entries, so the guide's loop (sample, append the
-    token, sample again) compiles once per power of two, not once per history length.
-    """
-
-    _MIN_HISTORY = 64  # the smallest history bucket
-
-    def __init__(self, seed: int = 0):
-        self._seed = seed
-        self._key: jax.Array | None = None
-        self._key_seed: object = None
-
-    def sample(self, logits, config: SamplingConfig | None = None, token_history=None) -> SamplingResult:
-        config = SamplingConfig() if config is None else config
-        logits = np.asarray(logits) if not isinstance(logits, jax.Array) else logits
-        if not jnp.issubdtype(logits.dtype, jnp.floating):
-            raise TypeError(f"logits must be a float array, got dtype {logits.dtype}")
-        if token_history is not None:
-            token_history = self._bucketed_history(token_history, logits.shape)
-        seed = self._seed if config.seed is None else np.asarray(config.seed).reshape(-1)[0].item()
-        if self._key is None or seed != self._key_seed:
-            self._key, self._key_seed = jax.random.key(seed), seed
-        next_key, has_nan, result = self._step(self._key, logits, config, token_history)
-        if bool(has_nan):  # checked in the same program: no extra pass or dispatch
-            raise ValueError("logits contain NaN")
-        self._key = next_key
-        return result
-
-    @staticmethod
-    @jax.jit
-    def _step(key, logits, config, token_history):
-        """Splits the key, flags NaN logits and samples: one dispatch per call."""
-        next_key, key = jax.random.split(key)
-        return next_key, jnp.isnan(logits).any(), sample(key, logits, config, token_history)
-
-    @classmethod
-    def _bucketed_history(cls, token_history, logits_shape: tuple[int, ...]) -> np.ndarray:
-        """[H] or [B, H] ids -> int32, right-padded with -1 to the next bucket (>= 64, 2**n)."""
-        history = np.asarray(token_history)
-        if history.size == 0:  # [] (float64 to NumPy) or [[], ...]: nothing seen yet
-            history = np.zeros((*logits_shape[:-1], 0), np.int32)
-        elif not np.issubdtype(history.dtype, np.integer):
-            raise TypeError(f"token_history must hold integer token ids, got {history.dtype}")
-        elif history.min() < np.iinfo(np.int32).min or history.max() > np.iinfo(np.int32).max:
-            raise ValueError("token_history holds an id outside int32")
-        length = history.shape[-1]
-        width = max(cls._MIN_HISTORY, 1 << max(length - 1, 0).bit_length())
-        pad = [(0, 0)] * (history.ndim - 1) + [(0, width - length)]
-        return np.pad(history.astype(np.int32), pad, constant_values=-1)

@@ -7,11 +7,13 @@ cross devices (`shard_map` + `psum`/`pmax`/`all_gather` inside the sampler, see
 `rtdlm.sampling.vocab`). Row keys are derived for the whole batch before splitting it, so
 the tokens equal those of `rtdlm.sampling.sample` on one device with the same key.
 
-Example (8 devices: 2-way data parallel, 4-way vocabulary sharding):
-    >>> mesh = jax.make_mesh((2, 4), ("data", "model"))
-    >>> logits = jax.device_put(logits, NamedSharding(mesh, P("data", "model")))
-    >>> result = sharded_sample(mesh, jax.random.key(0), logits, config)
-    >>> result.all_probabilities.sharding  # stays sharded like the logits
+Example (8 devices: 2-way data parallel, 4-way vocabulary sharding; the README's mesh
+block runs it on 8 host devices):
+    >>> mesh = jax.make_mesh((2, 4), ("data", "model"))  # doctest: +SKIP
+    >>> logits = jax.device_put(logits, NamedSharding(mesh, P("data", "model")))  # doctest: +SKIP
+    >>> result = sharded_sample(mesh, jax.random.key(0), logits, config)  # doctest: +SKIP
+    >>> result.all_probabilities.sharding.spec  # stays sharded like the logits  # doctest: +SKIP
+    PartitionSpec('data', 'model')
 """
 
 from __future__ import annotations
