@@ -45,7 +45,9 @@ from rtdlm.sampling import (  # noqa: E402
     DEFAULT_PROCESSORS,
     SamplingConfig,
     TokenSampler,
+    chain,
     create_sampling_config_balanced,
+    no_repeat_ngram,
     sample,
 )
 
@@ -133,6 +135,40 @@ def bench_generate(model, batches, max_new_tokens, repeats):
     return rows
 
 
+def bench_processor_state(model, batch, max_new_tokens, repeats, window=64):
+    """`generate` with the default chain vs the default chain plus a processor whose state is
+    a `[B, window]` ring buffer of recent tokens (`no_repeat_ngram(3, window)`), interleaved."""
+    config = create_sampling_config_balanced()
+    prompt = jnp.asarray(np.tile(encode(PROMPT)[None], (batch, 1)))
+    with_ring_buffer = chain(DEFAULT_PROCESSORS, no_repeat_ngram(3, window))
+
+    def program(processors):
+        run = functools.partial(
+            generate,
+            model,
+            prompt,
+            key=jax.random.key(1),
+            config=config,
+            max_new_tokens=max_new_tokens,
+            processors=processors,
+        )
+        return lambda: run().tokens
+
+    programs = {
+        "default_processors": program(DEFAULT_PROCESSORS),
+        f"ring_buffer_{window}": program(with_ring_buffer),
+    }
+    seconds = time_interleaved(programs, repeats=repeats)
+    row = {name: summarize(values, max_new_tokens) for name, values in seconds.items()}
+    extra = ratio(seconds[f"ring_buffer_{window}"], seconds["default_processors"])
+    row.update(batch=batch, new_tokens=max_new_tokens, step_time_ratio=extra)
+    print(
+        f"B={batch}: a [B, {window}] ring-buffer processor: step time x{extra['ratio']:.3f} "
+        f"(fastest calls x{extra['ratio_of_min']:.3f})"
+    )
+    return row
+
+
 def synthetic_model(model_config, vocab, logit_std):
     """A random-weight model of the given size whose logits have standard deviation `logit_std`.
 
@@ -194,9 +230,7 @@ def bench_sampling_overhead(batch, vocab, steps, repeats, model_config, logit_st
         "forward_only": decode_program(
             lambda key, logits, state, config: (jnp.sum(logits[:, :1], axis=-1) > 1e9).astype(jnp.int32)
         ),  # reads logits, no sampling
-        "argmax": decode_program(
-            lambda key, logits, state, config: jnp.argmax(logits, -1).astype(jnp.int32)
-        ),
+        "argmax": decode_program(lambda key, logits, state, config: jnp.argmax(logits, -1).astype(jnp.int32)),
         "full_chain": decode_program(
             lambda key, logits, state, config: sample(key, logits, config, state=state).token_id
         ),
@@ -237,9 +271,11 @@ def main(argv=None):
         gen = bench_generate(model, [1, 2], max_new_tokens=8, repeats=2)
         tiny = dict(d_model=32, num_layers=1, num_heads=2, mlp_dim=64, attention_window=None)
         overhead = {"lm_like_logits": bench_sampling_overhead(2, 1000, 8, 2, tiny, logit_std=3.0)}
+        state = bench_processor_state(model, 2, max_new_tokens=8, repeats=2)
     else:
         start = time.perf_counter()
         gen = bench_generate(load_model("target"), [1, 16], max_new_tokens=128, repeats=args.repeats)
+        state = bench_processor_state(load_model("target"), 16, max_new_tokens=128, repeats=args.repeats)
         overhead = {
             name: bench_sampling_overhead(8, 32000, 32, args.repeats, synthetic, logit_std=std)
             for name, std in (("lm_like_logits", 3.0), ("uniform_logits_worst_case", 0.0))
@@ -247,7 +283,15 @@ def main(argv=None):
         print(f"total {time.perf_counter() - start:.0f} s")
     env = environment()
     out = output_path(args, f"decode-{env['device_slug']}{'-quick' if args.quick else ''}.json")
-    write_json(out, {"environment": env, "generate_vs_python_loop": gen, "sampling_overhead": overhead})
+    write_json(
+        out,
+        {
+            "environment": env,
+            "generate_vs_python_loop": gen,
+            "sampling_overhead": overhead,
+            "processor_state_overhead": state,
+        },
+    )
     print(f"wrote {out}")
 
 

@@ -40,7 +40,6 @@ from rtdlm.sampling.processors import (
 )
 from rtdlm.sampling.sampler import (
     SamplingResult,
-    TokenSampler,
     draw,
     probabilities,
     process_logits,
@@ -49,14 +48,14 @@ from rtdlm.sampling.sampler import (
     sample_processed,
 )
 
-_DECODERS = ("SpeculativeDecoder", "SelfSpeculativeDecoder")
+_GUIDE_FACADES = ("TokenSampler", "SpeculativeDecoder", "SelfSpeculativeDecoder")
 
 
 def __getattr__(name):
-    # The guide imports its decoder facades from the sampling module; they live in
-    # rtdlm.guide (which imports the decoders), so they are resolved lazily: importing
-    # rtdlm.sampling never imports rtdlm.decoding.
-    if name in _DECODERS:
+    # The guide imports its facades from the sampling module; they live in rtdlm.guide
+    # (which imports the decoders), so they are resolved lazily: importing rtdlm.sampling
+    # never imports rtdlm.decoding.
+    if name in _GUIDE_FACADES:
         import rtdlm.guide
 
         return getattr(rtdlm.guide, name)
