@@ -37,7 +37,14 @@ def _is_int(value) -> bool:
 
 
 def check_generation_args(
-    model, prompt_tokens, prompt_lengths, max_new_tokens, config, extra_slots=0, extra_slots_for=""
+    model,
+    prompt_tokens,
+    prompt_lengths,
+    max_new_tokens,
+    config,
+    extra_slots=0,
+    extra_slots_for="",
+    pad_token_id=0,
 ):
     """Python-side checks shared by every decoder. Returns (prompt [B, P], lengths [B], cache length).
 
@@ -46,6 +53,8 @@ def check_generation_args(
     if not isinstance(config, SamplingConfig):
         raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
     config.check_complete()
+    if not _is_int(pad_token_id) or not np.iinfo(np.int32).min <= pad_token_id <= np.iinfo(np.int32).max:
+        raise TypeError(f"pad_token_id must be an int (int32), got {pad_token_id!r}")
     if not _is_int(max_new_tokens):
         raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens <= 0:

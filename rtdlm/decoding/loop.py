@@ -84,7 +84,7 @@ def generate(
       ...                config=create_sampling_config_balanced())
     """
     prompt, lengths, cache_length = check_generation_args(
-        model, prompt_tokens, prompt_lengths, max_new_tokens, config
+        model, prompt_tokens, prompt_lengths, max_new_tokens, config, pad_token_id=pad_token_id
     )
     config = with_eos(config, eos_token_id)
     return _generate(

@@ -110,6 +110,7 @@ def self_speculative_generate(
         config,
         num_speculative_tokens,
         "the K speculative tokens",
+        pad_token_id=pad_token_id,
     )
     check_has_rows(prompt)
     return speculative_loop(

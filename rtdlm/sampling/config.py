@@ -305,8 +305,15 @@ class SamplingConfig:
                 raise TypeError(f"SamplingConfig.{name} must be a number or a [B] array of numbers, got None")
 
     def batch_size(self) -> int | None:
-        """The B of the `[B]` fields, or None if every field is a scalar."""
-        sizes = {np.shape(leaf)[0] for leaf in self._row_leaves() if np.ndim(leaf) == 1}
+        """The B of the per-row fields (`[B]`, or `[B, N]` for the token lists), or None if
+        every field is shared by all rows."""
+        sizes = set()
+
+        def add(path, leaf):
+            if np.ndim(leaf) == self.row_ndim(path[0].name):
+                sizes.add(np.shape(leaf)[0])
+
+        jax.tree_util.tree_map_with_path(add, self)
         if len(sizes) > 1:
             raise ValueError(f"SamplingConfig per-row fields disagree on the batch size: {sorted(sizes)}")
         return sizes.pop() if sizes else None

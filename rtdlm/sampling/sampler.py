@@ -33,8 +33,8 @@ def _as_batch(logits, token_history):
     logits = jnp.asarray(logits)
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise TypeError(f"logits must be a float array, got dtype {logits.dtype}")
-    if logits.ndim not in (1, 2):
-        raise ValueError(f"logits must be [V] or [B, V], got shape {logits.shape}")
+    if logits.ndim not in (1, 2) or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [V] or [B, V] with V >= 1, got shape {logits.shape}")
     squeeze = logits.ndim == 1
     logits = jnp.atleast_2d(logits).astype(jnp.float32)
     if token_history is not None:
