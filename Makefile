@@ -1,6 +1,6 @@
 # Two entry points that work on a fresh machine with only Python 3.10+ and make:
 #   make demo   generate text with the bundled model on the CPU
-#   make test   lint + the test suite
+#   make test   lint + the test suite (make test-fast: without the slow tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast test-floor lint bench
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -20,8 +20,23 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The whole suite (what CI runs), with the 15 slowest tests listed at the end.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# Everything but the long statistical, multi-device, benchmark and end-to-end runs
+# (`@pytest.mark.slow`): a couple of minutes.
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" --durations=10
+
+# The dependency floors of pyproject.toml: the fast subset against the oldest JAX and Flax
+# it declares, in a throwaway virtualenv (the other dependencies at their newest).
+FLOOR_VENV ?= /tmp/rtdlm-floor
+test-floor:
+	python3 -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install -q 'jax==0.10.0' 'jaxlib==0.10.0' 'flax==0.12.8' -e '.[dev]'
+	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" tests/test_processors.py tests/test_verify.py \
+		tests/test_draw.py tests/test_loop.py tests/test_readme.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler.py

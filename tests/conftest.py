@@ -7,6 +7,7 @@ spelled out.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
@@ -17,6 +18,16 @@ from hypothesis import settings
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Compiled programs persist across test runs and the suite's subprocesses (CLI, benchmarks,
+# 8-device checks inherit the variable): a second `make test` skips most XLA compilation.
+# The cache is keyed on the program, the flags and the JAX version; RTDLM_TEST_JAX_CACHE=""
+# turns it off (runs/ is git-ignored).
+_CACHE_DIR = os.environ.get("RTDLM_TEST_JAX_CACHE", str(REPO_ROOT / "runs" / "jax-cache"))
+if _CACHE_DIR:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Compiling a JAX function takes seconds on these CPUs: no per-example deadline. Examples
 # are derandomised so a CI run is reproducible; `--hypothesis-seed` still works locally.

@@ -23,6 +23,7 @@ def run_benchmark(repo_root, script, *args):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_sampler_benchmark(repo_root, tmp_path):
     out = tmp_path / "sampler.json"
     run_benchmark(repo_root, "sampler.py", "--out", str(out))
@@ -31,6 +32,7 @@ def test_sampler_benchmark(repo_root, tmp_path):
     assert out.with_suffix(".png").exists()
 
 
+@pytest.mark.slow
 def test_decode_benchmark(repo_root, tmp_path):
     out = tmp_path / "decode.json"
     run_benchmark(repo_root, "decode.py", "--out", str(out))
@@ -38,6 +40,7 @@ def test_decode_benchmark(repo_root, tmp_path):
     assert payload["generate_vs_python_loop"] and payload["sampling_overhead"]["lm_like_logits"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--self"]], ids=["draft-model", "self-speculative"])
 def test_speculative_benchmark(repo_root, tmp_path, extra):
     out = tmp_path / "speculative.json"

@@ -133,8 +133,11 @@ def test_help_texts(capsys):
     [
         ["--preset", "balanced"],
         ["--temperature", "0.7", "--top-k", "20", "--batch", "2"],
-        ["--speculative", "draft", "--num-speculative-tokens", "3"],
-        ["--speculative", "self", "--early-exit-layer", "2", "--preset", "deterministic"],
+        pytest.param(["--speculative", "draft", "--num-speculative-tokens", "3"], marks=pytest.mark.slow),
+        pytest.param(
+            ["--speculative", "self", "--early-exit-layer", "2", "--preset", "deterministic"],
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_generate_prints_prompt_text_and_speed(capsys, extra):

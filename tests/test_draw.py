@@ -49,6 +49,7 @@ def boundary_uniforms(weights, ulps):
     return uniforms[(uniforms >= 0) & (uniforms < 1)]
 
 
+@pytest.mark.slow
 def test_adversarial_uniforms_never_draw_a_removed_token():
     weights = jnp.exp(jnp.asarray(half_removed_logits()))
     uniforms = boundary_uniforms(weights, ulps=40_000)  # 125 boundaries x 80k = 10^7

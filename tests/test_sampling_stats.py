@@ -183,6 +183,7 @@ def chain_draws():
     return np.bincount(tokens, minlength=q.size), reference
 
 
+@pytest.mark.slow
 def test_truncated_chain_with_two_million_draws(chain_draws, record_property):
     counts, reference = chain_draws
     assert counts.sum() == CHAIN_DRAWS
@@ -193,6 +194,7 @@ def test_truncated_chain_with_two_million_draws(chain_draws, record_property):
     assert p_value > ALPHA
 
 
+@pytest.mark.slow
 def test_truncated_chain_has_power_against_one_percent(chain_draws):
     counts, reference = chain_draws
     probabilities = reference.probabilities
