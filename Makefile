@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m rtdlm generate --prompt 'def fib(n):\n    ' --preset balanced --max-new-tokens 200
+	$(PY) -m rtdlm generate --prompt 'class Stack:\n    def __init__(self):\n        self.' --preset precise \
+		--max-new-tokens 200
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
