@@ -24,6 +24,10 @@ CONFIGS = [
     SamplingConfig(top_p=0.95),  # flat rows: the nucleus exceeds the candidates -> fallback
     SamplingConfig(temperature=np.array([0.0, 0.5, 1, 1.2, 0, 1, 1, 1.0]), top_p=0.9, typical_p=0.8),
     SamplingConfig(top_k=3000, banned_token_ids=[1, 2, 3], logit_bias={5: 10.0}, seed=np.arange(8)),
+    # stateful n-gram bans: each device masks the banned ids inside its vocabulary block
+    SamplingConfig(
+        temperature=0.8, no_repeat_ngram_size=2, bad_words_ids=[[7, 9], [11]], presence_penalty=0.5
+    ),
 ]
 
 
@@ -58,7 +62,7 @@ def check_generation(mesh):
     by_vocab = NamedSharding(mesh, P(None, "model"))
     prompt = jnp.tile(jnp.array([[1, 2, 3]]), (B, 1))
     split_prompt = jax.device_put(prompt, NamedSharding(mesh, P("data")))
-    for config in (SamplingConfig(temperature=0.0), CONFIGS[0]):
+    for config in (SamplingConfig(temperature=0.0), CONFIGS[0], CONFIGS[-1]):
         common = dict(key=jax.random.key(3), config=config, max_new_tokens=10)
         want = generate(target, prompt, **common).tokens
         got = generate(jax.device_put(target, by_vocab), split_prompt, mesh=mesh, **common).tokens
