@@ -9,6 +9,7 @@ re-exported here so that importing the model does not import optax/rich.
 """
 
 from rtdlm.models.data import BOS_ID, EOS_ID, VOCAB_SIZE, decode, encode
+from rtdlm.models.pretrained import PretrainedTokenizer, from_pretrained, load_tokenizer
 from rtdlm.models.transformer import (
     Cache,
     Transformer,
@@ -28,13 +29,16 @@ __all__ = [
     "EOS_ID",
     "VOCAB_SIZE",
     "Cache",
+    "PretrainedTokenizer",
     "Transformer",
     "TransformerConfig",
     "bundled_models",
     "create_model",
     "decode",
     "encode",
+    "from_pretrained",
     "load_model",
+    "load_tokenizer",
     "model_from_bytes",
     "model_to_bytes",
     "param_count",

@@ -63,14 +63,46 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rescaled rotary frequencies for contexts longer than pretraining (Hugging Face's
+    `rope_scaling`; frozen, hashable).
+
+    Attributes:
+      kind: "linear" (every frequency divided by `factor`) or "llama3" (low frequencies
+        divided by `factor`, high ones kept, a smooth blend between; Llama 3.1+).
+      factor: the context extension factor.
+      low_freq_factor, high_freq_factor, original_max_length: "llama3" only; wavelengths
+        above original_max_length / low_freq_factor are scaled, those below
+        original_max_length / high_freq_factor kept.
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_length: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "llama3"):
+            raise ValueError(f"rope scaling kind must be 'linear' or 'llama3', got {self.kind!r}")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+
+
+@dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Hyper-parameters of `Transformer` (frozen, hashable: static metadata).
+
+    The defaults are the bundled byte model's; `rtdlm.models.from_pretrained` fills the same
+    fields from a Hugging Face Llama / Mistral / Qwen2 `config.json`.
 
     Attributes:
       vocab_size: number of token ids (256: one per byte).
       d_model: width of the residual stream.
       num_layers: number of transformer blocks.
-      num_heads: attention heads; `d_model` must be divisible by it.
+      num_heads: query heads.
       mlp_dim: hidden width of the MLP (per branch for SwiGLU).
       mlp_type: "swiglu" or "gelu".
       tie_embeddings: if True the head is the transposed embedding matrix.
@@ -85,6 +117,11 @@ class TransformerConfig:
       rope_base: base of the rotary frequencies.
       norm_eps: epsilon of every RMSNorm.
       dtype: parameter, activation and cache dtype ("float32" by default).
+      num_kv_heads: key/value heads (grouped-query attention: each serves
+        num_heads // num_kv_heads query heads); None: num_heads.
+      head_dim: width of a head; None: d_model // num_heads.
+      qkv_bias: whether the query, key and value projections have biases (Qwen2).
+      rope_scaling: a `RopeScaling` (or its dict), or None.
     """
 
     vocab_size: int = 256
@@ -99,29 +136,40 @@ class TransformerConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     dtype: str = "float32"
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self):
-        if self.d_model % self.num_heads:
+        # Fill in the derived defaults, so every user reads plain ints (frozen: setattr).
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary embedding), got {self.head_dim}")
+        if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        if (self.d_model // self.num_heads) % 2:
-            raise ValueError("head_dim = d_model // num_heads must be even (rotary embedding)")
         if self.mlp_type not in ("swiglu", "gelu"):
             raise ValueError(f"mlp_type must be 'swiglu' or 'gelu', got {self.mlp_type!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim",
-                     "attention_window", "max_length"):
+                     "attention_window", "max_length", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
             if value is None and name in ("attention_window", "max_length"):
                 continue
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
 
     @property
     def jnp_dtype(self):
@@ -139,15 +187,38 @@ class TransformerConfig:
         return dataclasses.asdict(self)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotates pairs (x[..., i], x[..., i + Dh/2]) by angle position * base^(-2i/Dh).
+def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Rotary inverse frequencies base^(-2i/Dh), i < Dh/2, [Dh/2] float32, as Hugging Face
+    computes them (including its "linear" and "llama3" rescaling); computed in float64."""
+    inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling.kind == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    # llama3: long wavelengths scaled by 1/factor, short ones kept, a linear blend between.
+    low_freq_wavelen = scaling.original_max_length / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_length / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_length / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+    """Rotates pairs (x[..., i], x[..., i + Dh/2]) by angle position * inv_freq[i]
+    (Hugging Face's `rotate_half` convention).
 
     Args:
       x: [B, T, H, Dh] queries or keys.
       positions: [B, T] int positions.
+      inv_freq: [Dh/2] float32 from `rope_frequencies` (an array or a sequence).
     """
     half = x.shape[-1] // 2
-    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+    inv_freq = jnp.asarray(np.asarray(inv_freq, np.float32))  # [Dh/2]
     angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, Dh/2]
     sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
     cos = jnp.cos(angles)[:, :, None, :]
@@ -157,20 +228,27 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float) -> jax.Arr
 
 
 class Attention(nnx.Module):
-    """Causal multi-head self-attention with RoPE and an optional KV cache."""
+    """Causal self-attention with RoPE, grouped-query heads and an optional KV cache."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         d, dtype = config.d_model, config.jnp_dtype
         self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.rope_base = config.rope_base
+        # A tuple of Python floats: static metadata of the module, not a traced array.
+        inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling)
+        self.inv_freq = tuple(inv_freq.tolist())
         self.window = config.attention_window
-        # One fused projection for q, k, v: fewer, larger matmuls.
-        self.qkv = nnx.Linear(d, 3 * d, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        # One fused projection for q, k, v: fewer, larger matmuls. Columns: q | k | v.
+        width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv = nnx.Linear(
+            d, width, use_bias=config.qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
         # Output projection scaled down so the residual stream starts small.
         out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * config.num_layers))
         self.out = nnx.Linear(
-            d, d, use_bias=False, kernel_init=out_init, dtype=dtype, param_dtype=dtype, rngs=rngs
+            config.num_heads * config.head_dim, d, use_bias=False, kernel_init=out_init,
+            dtype=dtype, param_dtype=dtype, rngs=rngs,
         )
 
     def _mask(self, query_positions, key_positions, scores):
@@ -184,9 +262,9 @@ class Attention(nnx.Module):
         return jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
 
     def _write_cache(self, cache: LayerCache, k, v, positions) -> LayerCache:
-        """Writes row b's token t (k, v: [B, T, H, Dh]) into slot positions[b, t].
+        """Writes row b's token t (k, v: [B, T, Hkv, Dh]) into slot positions[b, t].
 
-        The cache holds keys [B*H, Dh, S] and values [B*H, S, Dh]: the layouts both attention
+        The cache holds keys [B*Hkv, Dh, S] and values [B*Hkv, S, Dh]: the layouts both attention
         matmuls read as they are. The write is a scatter into that merged layout (a
         dynamic-update-slice at B=1), so XLA updates the cache in place, touching only the T
         written slots: a select over every slot, or a scatter through a reshaped view, would
@@ -221,8 +299,8 @@ class Attention(nnx.Module):
             return cache_k, cache_v, jnp.broadcast_to(jnp.arange(num_slots), (batch, num_slots))
         # Clipped into the cache: positions >= S (writes dropped) see the last W' slots.
         first = jnp.clip(jnp.max(positions, axis=1) - span + 1, 0, num_slots - span)  # [B]
-        rows_k = cache_k.reshape(batch, -1, *cache_k.shape[1:])  # [B, H, Dh, S]
-        rows_v = cache_v.reshape(batch, -1, *cache_v.shape[1:])  # [B, H, S, Dh]
+        rows_k = cache_k.reshape(batch, -1, *cache_k.shape[1:])  # [B, Hkv, Dh, S]
+        rows_v = cache_v.reshape(batch, -1, *cache_v.shape[1:])  # [B, Hkv, S, Dh]
         keys = jax.vmap(lambda c, f: jax.lax.dynamic_slice_in_dim(c, f, span, axis=2))(rows_k, first)
         values = jax.vmap(lambda c, f: jax.lax.dynamic_slice_in_dim(c, f, span, axis=1))(rows_v, first)
         slots = first[:, None] + jnp.arange(span)[None]  # [B, W']
@@ -231,32 +309,39 @@ class Attention(nnx.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
     ) -> tuple[jax.Array, LayerCache | None]:
-        """x: [B, T, D]; positions: [B, T]; cache: ([B*H, Dh, S], [B*H, S, Dh]) or None."""
+        """x: [B, T, D]; positions: [B, T]; cache: ([B*Hkv, Dh, S], [B*Hkv, S, Dh]) or None."""
         batch, length, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, Dh]
-        q = rotary_embedding(q, positions, self.rope_base)
-        k = rotary_embedding(k, positions, self.rope_base)
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        group = heads // kv_heads  # query heads per key/value head
+        q, k, v = jnp.split(self.qkv(x), [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
+        q = rotary_embedding(q.reshape(batch, length, heads, head_dim), positions, self.inv_freq)
+        k = rotary_embedding(k.reshape(batch, length, kv_heads, head_dim), positions, self.inv_freq)
+        v = v.reshape(batch, length, kv_heads, head_dim)  # q: [B, T, H, Dh]; k, v: [B, T, Hkv, Dh]
 
         if cache is None:
-            # No cache (training): attend to this call's own tokens, by position.
+            # No cache (training): attend to this call's own tokens, by position. Query head h
+            # reads key/value head h // group.
+            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # [B, T, H, Dh]
             scores = self._mask(positions, positions, jnp.einsum("bthd,bshd->bhts", q, k))
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, T, T]
             attended = jnp.einsum("bhts,bshd->bthd", probs, v)  # [B, T, H, Dh]
         else:
             cache = self._write_cache(cache, k, v, positions)
             keys, values, slots = self._visible_slots(cache, positions)  # [N, Dh, W'], [N, W', Dh], [B, W']
-            heads, span = self.num_heads, slots.shape[1]
-            # Batch and heads merged into N = B*H, the cache's own layout.
-            q_n = q.transpose(0, 2, 1, 3).reshape(batch * heads, length, self.head_dim)  # [N, T, Dh]
-            scores = jnp.einsum("ntd,nds->nts", q_n, keys.astype(q.dtype))  # [N, T, W']
+            span = slots.shape[1]
+            # Batch and key/value heads merged into N = B*Hkv, the cache's own layout; the
+            # `group` query heads of a key/value head are rows of one matmul: [N, G*T, Dh].
+            q_n = q.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+            q_n = q_n.reshape(batch * kv_heads, group * length, head_dim)
+            scores = jnp.einsum("ntd,nds->nts", q_n, keys.astype(q.dtype))  # [N, G*T, W']
             scores = self._mask(positions, slots, scores.reshape(batch, heads, length, span))
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, T, W']
             attended = jnp.einsum(
-                "nts,nsd->ntd", probs.reshape(batch * heads, length, span), values.astype(v.dtype)
-            )  # [N, T, Dh]
-            attended = attended.reshape(batch, heads, length, self.head_dim).transpose(0, 2, 1, 3)
-        return self.out(attended.reshape(batch, length, -1)), cache  # [B, T, D]
+                "nts,nsd->ntd", probs.reshape(batch * kv_heads, group * length, span),
+                values.astype(v.dtype),
+            )  # [N, G*T, Dh]
+            attended = attended.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
+        return self.out(attended.reshape(batch, length, heads * head_dim)), cache  # [B, T, D]
 
 
 class MLP(nnx.Module):
@@ -425,8 +510,8 @@ class Transformer(nnx.Module):
         return self.logits(hidden), cache
 
     def init_cache(self, batch_size: int, max_length: int) -> Cache:
-        """Zero KV cache: a tuple over layers of (keys [B*H, Dh, S], values [B*H, S, Dh])."""
-        rows, head_dim = batch_size * self.config.num_heads, self.config.head_dim
+        """Zero KV cache: a tuple over layers of (keys [B*Hkv, Dh, S], values [B*Hkv, S, Dh])."""
+        rows, head_dim = batch_size * self.config.num_kv_heads, self.config.head_dim
         keys, values = (rows, head_dim, max_length), (rows, max_length, head_dim)
         dtype = self.config.jnp_dtype
         return tuple(
