@@ -256,3 +256,44 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         from_pretrained(no_weights)
+
+
+@pytest.mark.parametrize("rope_type", ["default", "linear", "llama3"])
+def test_rope_frequencies_equal_transformers(rope_type):
+    """The Llama 3.1 8B rotary setup (head_dim 128, theta 5e5) and its rescalings."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from rtdlm.models.pretrained import config_from_hf
+    from rtdlm.models.transformer import rope_frequencies
+
+    scaling = {
+        "default": None,
+        "linear": {"rope_type": "linear", "factor": 4.0},
+        "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    }[rope_type]
+    hf_config = transformers.LlamaConfig(
+        hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+        rope_theta=500000.0, rope_scaling=scaling,
+    )
+    if rope_type == "default":
+        expected = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float) / 128)
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    config = config_from_hf(hf_config.to_dict())
+    got = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=3e-7)
+
+
+def test_transformers4_config_format():
+    """Checkpoints saved by transformers 4 keep `rope_theta` and `rope_scaling` at the top."""
+    from rtdlm.models.pretrained import config_from_hf
+
+    v4 = dict(model_type="llama", vocab_size=10, hidden_size=16, intermediate_size=24,
+              num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
+              rope_theta=123.0, torch_dtype="bfloat16",
+              rope_scaling={"type": "linear", "factor": 2.0})
+    config = config_from_hf(v4)
+    assert config.rope_base == 123.0 and config.dtype == "bfloat16" and config.num_kv_heads == 2
+    assert config.rope_scaling.kind == "linear" and config.rope_scaling.factor == 2.0
+    assert config_from_hf(dict(v4, rope_scaling=None)).rope_scaling is None

@@ -1,20 +1,23 @@
-"""A small decoder-only Flax NNX transformer with a KV cache and early exit.
+"""A decoder-only Flax NNX transformer with a KV cache and early exit.
 
-This is the reference model used by the examples, the CLI and the benchmarks.
-It implements the model contract of `rtdlm.decoding`::
+One implementation serves two uses: the small byte-level reference model of the
+examples, the CLI and the benchmarks (the config defaults), and Hugging Face
+Llama / Mistral / Qwen2 checkpoints (`rtdlm.models.from_pretrained` fills the
+same config from their `config.json`). It implements the model contract of
+`rtdlm.decoding`::
 
     model(tokens[B, T] int32, positions[B, T] int32, cache, exit_layer=None)
         -> (logits[B, T, V] float32, cache)
     model.init_cache(batch_size, max_length) -> cache
 
-Architecture: byte embedding -> `num_layers` pre-norm blocks (RMSNorm, causal
-multi-head attention with rotary position embeddings, RMSNorm, SwiGLU or GELU
-MLP) -> final RMSNorm -> head (tied to the embedding or not). The final norm
+Architecture: token embedding -> `num_layers` pre-norm blocks (RMSNorm, causal
+grouped-query attention with rotary position embeddings, RMSNorm, SwiGLU or
+GELU MLP) -> final RMSNorm -> head (tied to the embedding or not). The final norm
 and head are shared by every exit, so `exit_layer=E` reads the residual stream
 after the first E blocks (LayerSkip-style early exit).
 
-KV cache: a tuple over layers of `(keys [B*H, Dh, S], values [B*H, S, Dh])`
-(batch and heads merged, keys transposed: the layouts the attention matmuls read
+KV cache: a tuple over layers of `(keys [B*Hkv, Dh, S], values [B*Hkv, S, Dh])`
+(batch and key/value heads merged, keys transposed: the layouts the attention matmuls read
 as they are, so the decode step updates the cache in place and never copies it).
 A call writes row b's token t into slot `positions[b, t]` (per row, so rows may sit
 at different positions) and a query at position p attends to slots `<= p`
@@ -28,13 +31,15 @@ step costs the same at any cache length; this needs each row's positions in
 one call to lie within T consecutive positions (max - min <= T - 1), as every
 prefill, decode step and verification block does.
 
-Positions: rotary embeddings are relative and the attention window equals the
-training sequence length, so there is no hard positional limit
-(`max_length` is None): a query at any position sees the last W tokens, as in
-training. The cache size is the caller's choice.
+Positions: in the bundled models rotary embeddings are relative and the
+attention window equals the training sequence length, so there is no hard
+positional limit (`max_length` is None): a query at any position sees the last
+W tokens, as in training. The cache size is the caller's choice. A loaded
+checkpoint's `max_length` is its `max_position_embeddings`.
 
-Vocabulary: the 256 byte values (see `rtdlm.models.data`); byte 0 (NUL, which
-never occurs in Python source) separates documents and serves as BOS/EOS.
+Vocabulary (bundled models): the 256 byte values (see `rtdlm.models.data`);
+byte 0 (NUL, which never occurs in Python source) separates documents and
+serves as BOS/EOS.
 
 NNX modules are JAX pytrees in this Flax version: pass the model to `jax.jit`
 as an ordinary argument (its arrays are traced); the Python ints on it
@@ -388,7 +393,7 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only byte-level transformer implementing the rtdlm model contract.
+    """Decoder-only transformer implementing the rtdlm model contract.
 
     Example:
       >>> model = Transformer(TransformerConfig(d_model=64, num_layers=2, num_heads=2,
