@@ -534,3 +534,21 @@ def test_logit_bias_and_banned_ids_survive_jit_and_tree_rebuilds():
     assert_configs_equal(rebuilt, config)
     assert_configs_equal(jax.jit(lambda c: c)(config), config)
     np.testing.assert_array_equal(config.banned_token_ids, [[0, -1], [2, 5]])
+
+
+def test_from_generation_config_reads_a_checkpoint_directory(tmp_path):
+    """A checkpoint directory, its generation_config.json and the parsed dict give the same
+    config; Llama 3's list of EOS ids keeps the first; a directory without the file raises."""
+    values = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [128001, 128008, 128009],
+              "max_length": 4096}
+    (tmp_path / "generation_config.json").write_text(json.dumps(values))
+    from_dir = SamplingConfig.from_generation_config(tmp_path)
+    assert_configs_equal(from_dir, SamplingConfig.from_generation_config(tmp_path / "generation_config.json"))
+    assert_configs_equal(from_dir, SamplingConfig.from_generation_config(values))
+    assert from_dir.do_sample and from_dir.temperature == pytest.approx(0.6) and from_dir.top_k == 50
+    assert from_dir.eos_token_id == 128001
+    assert_configs_equal(SamplingConfig.from_generation_config(str(tmp_path)), from_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="generation_config.json"):
+        SamplingConfig.from_generation_config(empty)

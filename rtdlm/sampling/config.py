@@ -359,15 +359,21 @@ class SamplingConfig:
 
     @classmethod
     def from_generation_config(cls, source: Mapping[str, Any] | str | Path) -> SamplingConfig:
-        """Reads a Hugging Face `generation_config.json` (a dict or a path).
+        """Reads a Hugging Face `generation_config.json`: a dict, the file's path, or a
+        checkpoint directory that holds it.
 
         Missing keys take Hugging Face's defaults (notably `do_sample=False`, `top_k=50`),
         so a model's settings behave as they do in `transformers`. Keys that do not concern
-        sampling (`max_length`, `pad_token_id`, ...) are ignored. A list of EOS ids keeps the
-        first one.
+        sampling (`max_length`, `pad_token_id`, ...) are ignored. A list of EOS ids (Llama 3
+        has three) keeps only the first one: the decoders stop at a single EOS id.
         """
         if not isinstance(source, Mapping):
-            source = json.loads(Path(source).read_text())
+            path = Path(source)
+            if path.is_dir():
+                path = path / "generation_config.json"
+                if not path.is_file():
+                    raise FileNotFoundError(f"no generation_config.json in {str(path.parent)!r}")
+            source = json.loads(path.read_text())
         hf = {
             "temperature": 1.0,
             "top_k": 50,
