@@ -194,7 +194,8 @@ def test_min_new_tokens_masks_eos_per_row():
     logits = jnp.zeros((3, 6), jnp.float32)
     config = SamplingConfig(min_new_tokens=[2, 2, 0], eos_token_id=[3, 3, 3])
     generated = jnp.array([[5, -1, -1], [5, 1, -1], [-1, -1, -1]], jnp.int32)
-    state = state_after_generating(DEFAULT_PROCESSORS, generated, 6, config)
+    # one compiled program for the state (not one eager op at a time) and one for processing
+    state = jax.jit(state_after_generating, static_argnums=(0, 2))(DEFAULT_PROCESSORS, generated, 6, config)
     out = np.asarray(jax.jit(lambda x, c, s: process_logits(x, c, state=s))(logits, config, state))
     assert out[0, 3] == -np.inf  # one token generated < 2: EOS masked
     assert np.isfinite(out[1]).all()  # two generated: EOS allowed
@@ -247,13 +248,23 @@ def test_each_processor_alone_matches_reference(vocab):
         (filter_min_p, dict(min_p=[0.0, 0.05, 0.3, 1.0])),
         (filter_typical_p, dict(typical_p=[0.2, 0.5, 0.9, 1.0])),
     ]
-    for processor, params in cases:
-        config = SamplingConfig(**params)
-        if processor is mask_eos_before_min_new_tokens:  # state: tokens generated per row
-            state = jnp.asarray(generated, jnp.int32)
-        else:
-            state = init_from_history(processor, history, vocab, config)
-        out = jax.jit(as_processor(processor).process)(x, config, state)
+    configs = [SamplingConfig(**params) for _, params in cases]
+    processors = tuple(as_processor(processor) for processor, _ in cases)
+
+    # One compiled program runs every case (one compile instead of one per processor).
+    @jax.jit
+    def run_all(x, history, generated, configs):
+        outs = []
+        for (processor, _), member, config in zip(cases, processors, configs, strict=True):
+            if processor is mask_eos_before_min_new_tokens:  # state: tokens generated per row
+                state = generated
+            else:
+                state = init_from_history(member, history, vocab, config)
+            outs.append(member.process(x, config, state))
+        return outs
+
+    outs = run_all(x, jnp.asarray(history), jnp.asarray(generated, jnp.int32), configs)
+    for (processor, params), out in zip(cases, outs, strict=True):
         ref = reference_process(logits, token_history=history, num_generated=generated, **params)
         assert compare_rows(out, ref) >= 3, (processor, params)
 
