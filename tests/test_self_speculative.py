@@ -58,9 +58,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize(
-    "name", [*list(CONFIGS)[:1], *(pytest.param(n, marks=pytest.mark.slow) for n in list(CONFIGS)[1:])]
-)
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_lossless_joint_of_first_three_tokens(model, name):
     config = CONFIGS[name]
     exit_layer, k = LOSSLESS_SETTING

@@ -61,7 +61,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("k", [KS[0], *(pytest.param(k, marks=pytest.mark.slow) for k in KS[1:])])
+@pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_lossless_joint_of_first_three_tokens(target, draft, name, k):
     config = CONFIGS[name]
