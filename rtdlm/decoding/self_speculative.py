@@ -15,15 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtdlm.decoding.common import GenerationOutput, check_generation_args, with_eos
+from rtdlm.decoding.common import GenerationOutput
 from rtdlm.decoding.model import SharesLayers
-from rtdlm.decoding.speculative import (
-    Drafting,
-    check_has_rows,
-    check_num_speculative_tokens,
-    speculative_loop,
-)
-from rtdlm.sampling import DEFAULT_PROCESSORS, Processor, SamplingConfig, as_processor
+from rtdlm.decoding.speculative import Drafting, check_num_speculative_tokens, run_speculative
+from rtdlm.sampling import DEFAULT_PROCESSORS, Processor, SamplingConfig
 
 
 def check_early_exit_layer(model, early_exit_layer) -> None:
@@ -102,27 +97,17 @@ def self_speculative_generate(
         share_layers = can_share_layers(model)
     elif share_layers and not can_share_layers(model):
         raise ValueError("share_layers=True needs a model with embed, run_layers, logits and num_layers")
-    prompt, lengths, cache_length = check_generation_args(
-        model,
-        prompt_tokens,
-        prompt_lengths,
-        max_new_tokens,
-        config,
-        num_speculative_tokens,
-        "the K speculative tokens",
-        pad_token_id=pad_token_id,
-    )
-    check_has_rows(prompt)
-    return speculative_loop(
-        as_processor(processors),
+    return run_speculative(
         EarlyExit(int(early_exit_layer), share_layers),
         model,
-        prompt,
-        lengths,
-        key,
-        with_eos(config, eos_token_id),
-        pad_token_id,
-        num_speculative_tokens=num_speculative_tokens,
+        model,
+        prompt_tokens,
+        key=key,
+        config=config,
         max_new_tokens=max_new_tokens,
-        cache_length=cache_length,
+        num_speculative_tokens=num_speculative_tokens,
+        prompt_lengths=prompt_lengths,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        processors=processors,
     )

@@ -96,11 +96,6 @@ class DraftModel(Drafting):
         return logits, (target_cache, draft_cache)
 
 
-def check_has_rows(prompt) -> None:
-    if prompt.shape[0] == 0:
-        raise ValueError("speculative decoding needs at least one prompt row, got a batch of 0")
-
-
 def check_num_speculative_tokens(num_speculative_tokens) -> None:
     if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, (int, np.integer)):
         raise TypeError(f"num_speculative_tokens must be an int, got {num_speculative_tokens!r}")
@@ -136,6 +131,38 @@ def speculative_generate(
         raise ValueError(
             f"draft_model's vocabulary ({draft_vocab}) differs from target_model's ({target_vocab})"
         )
+    return run_speculative(
+        DraftModel(),
+        (target_model, draft_model),
+        target_model,
+        prompt_tokens,
+        key=key,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        num_speculative_tokens=num_speculative_tokens,
+        prompt_lengths=prompt_lengths,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        processors=processors,
+    )
+
+
+def run_speculative(
+    drafting: Drafting,
+    models,
+    target_model,
+    prompt_tokens,
+    *,
+    key,
+    config,
+    max_new_tokens,
+    num_speculative_tokens,
+    prompt_lengths,
+    eos_token_id,
+    pad_token_id,
+    processors,
+) -> GenerationOutput:
+    """The Python boundary both speculative decoders share: checks, then the loop."""
     prompt, lengths, cache_length = check_generation_args(
         target_model,
         prompt_tokens,
@@ -146,11 +173,12 @@ def speculative_generate(
         "the K speculative tokens",
         pad_token_id=pad_token_id,
     )
-    check_has_rows(prompt)
+    if prompt.shape[0] == 0:
+        raise ValueError("speculative decoding needs at least one prompt row, got a batch of 0")
     return speculative_loop(
         as_processor(processors),
-        DraftModel(),
-        (target_model, draft_model),
+        drafting,
+        models,
         prompt,
         lengths,
         key,
