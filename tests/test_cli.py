@@ -150,6 +150,7 @@ def test_generate_prints_prompt_text_and_speed(capsys, extra):
         assert "; drafts accepted " in out and "draft drafts" not in out
 
 
+@pytest.mark.slow
 def test_train_without_matplotlib_and_without_touching_bundled_weights(tmp_path, capsys, monkeypatch):
     """Training completes without matplotlib (the plot is skipped, and says so), and a config's
     bundled_export path is written only with --export-bundled."""

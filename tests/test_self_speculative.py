@@ -199,6 +199,7 @@ def test_shared_layers_equal_full_recompute_tiny_transformer():
     check_shared_equals_full(model, 2, 3, jnp.asarray(prompt), jnp.asarray(lengths), 30)
 
 
+@pytest.mark.slow
 def test_shared_layers_equal_full_recompute_bundled_model():
     models = pytest.importorskip("rtdlm.models")
     if "target" not in models.bundled_models():
