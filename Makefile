@@ -26,7 +26,7 @@ test: lint
 	$(PY) -m pytest -q --durations=15
 
 # Everything but the long statistical, multi-device, benchmark and end-to-end runs
-# (`@pytest.mark.slow`): a couple of minutes.
+# (`@pytest.mark.slow`).
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
