@@ -4,6 +4,7 @@ examples:
   python -m rtdlm generate --prompt 'def fib(n):\n    ' --preset balanced --max-new-tokens 200
   python -m rtdlm generate --prompt 'import os\n' --speculative draft --num-speculative-tokens 4
   python -m rtdlm generate --prompt 'class Parser:\n' --speculative self --early-exit-layer 2
+  python -m rtdlm generate --model-dir path/to/checkpoint --prompt 'def fibonacci(n):'  # Hugging Face
   python -m rtdlm train --config configs/models/tiny.yaml      # seconds; writes runs/tiny/
   python -m rtdlm train --config configs/models/target.yaml    # about an hour on 2 CPU cores
   python -m rtdlm bench sampler --quick                        # writes runs/benchmarks/
@@ -89,10 +90,57 @@ def _model_num_layers(path: Path) -> int:
     raise ValueError("no model config in the file")
 
 
+def _read_checkpoint_config(parser: argparse.ArgumentParser, flag: str, directory: str) -> dict:
+    """A Hugging Face checkpoint directory's config.json (and that it has a tokenizer.json
+    where one is needed), checked without JAX."""
+    path = Path(directory)
+    if not path.is_dir():
+        parser.error(f"{flag} {directory!r}: no such directory (a Hugging Face checkpoint: config.json, "
+                     f"*.safetensors, tokenizer.json)")
+    if not (path / "config.json").is_file():
+        parser.error(f"{flag} {directory!r}: no config.json there (not a Hugging Face checkpoint)")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        parser.error(f"{flag} {directory!r}: config.json is not readable JSON ({error})")
+    if not isinstance(config, dict):
+        parser.error(f"{flag} {directory!r}: config.json is not a JSON object")
+    if flag == "--model-dir" and not (path / "tokenizer.json").is_file():
+        parser.error(f"{flag} {directory!r}: no tokenizer.json there (the prompt is encoded with it)")
+    return config
+
+
+def _check_checkpoint_args(parser: argparse.ArgumentParser, args) -> None:
+    """--model-dir [--draft-dir | --speculative self]: the checks that need no JAX."""
+    if args.draft_dir is not None:
+        if args.speculative == "self":
+            parser.error("--draft-dir and --speculative self exclude each other")
+        args.speculative = "draft"
+    elif args.speculative == "draft":
+        parser.error("--speculative draft with --model-dir needs --draft-dir PATH (a second checkpoint)")
+    config = _read_checkpoint_config(parser, "--model-dir", args.model_dir)
+    if args.draft_dir is not None:
+        _read_checkpoint_config(parser, "--draft-dir", args.draft_dir)
+    if args.speculative == "self":
+        num_layers = config.get("num_hidden_layers")
+        if not isinstance(num_layers, int):
+            parser.error(f"--model-dir {args.model_dir!r}: config.json has no num_hidden_layers")
+        if not 1 <= args.early_exit_layer < num_layers:
+            parser.error(
+                f"--early-exit-layer must be in 1..{num_layers - 1} for --model-dir {args.model_dir!r} "
+                f"({num_layers} layers), got {args.early_exit_layer}"
+            )
+
+
 def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
     """Every check that needs no JAX; `parser.error` exits with one line."""
     if not args.prompt:
         parser.error("--prompt is empty: give the text the model should continue, e.g. --prompt 'def '")
+    if args.model_dir is not None:
+        _check_checkpoint_args(parser, args)
+        return
+    if args.draft_dir is not None:
+        parser.error("--draft-dir needs --model-dir (for the bundled models use --draft-model)")
     bundled = ", ".join(sorted(p.stem for p in _WEIGHTS.glob("*.msgpack")))
     models = [("--model", args.model)]
     if args.speculative == "draft":
@@ -117,7 +165,12 @@ def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
 def _sampling_config(args):
     from rtdlm.sampling import PRESETS, SamplingConfig
 
-    config = PRESETS[args.preset]() if args.preset else SamplingConfig()
+    if args.preset:
+        config = PRESETS[args.preset]()
+    elif args.model_dir is not None and (Path(args.model_dir) / "generation_config.json").is_file():
+        config = SamplingConfig.from_generation_config(args.model_dir)  # the checkpoint's defaults
+    else:
+        config = SamplingConfig()
     overrides = {
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -155,27 +208,39 @@ def _generate(args) -> int:
     import numpy as np
 
     from rtdlm.decoding import generate, self_speculative_generate, speculative_generate
-    from rtdlm.models import EOS_ID, decode, encode, load_model
+    from rtdlm.models import EOS_ID, decode, encode, from_pretrained, load_model, load_tokenizer
 
     config = _sampling_config(args)
-    model = load_model(args.model)
-    prompt = np.tile(encode(args.prompt)[None], (args.batch, 1))
-    common = dict(
-        key=jax.random.key(args.seed),
-        config=config,
-        max_new_tokens=args.max_new_tokens,
-        eos_token_id=EOS_ID if args.stop_at_eos else None,
-    )
-    if args.speculative == "none":
+    checkpoint = args.model_dir is not None
+    if checkpoint:
+        tokenizer = load_tokenizer(args.model_dir)
+        model = from_pretrained(args.model_dir, dtype=args.dtype)
+        load_draft = lambda: from_pretrained(args.draft_dir, dtype=args.dtype)
+        decode = lambda ids: tokenizer.decode(ids)
+        prompt = np.tile(tokenizer.encode(args.prompt)[None], (args.batch, 1))
+        eos = tokenizer.eos_token_id  # a checkpoint's rows always stop at its EOS
+        draft_name = args.draft_dir
+    else:
+        model = load_model(args.model)
+        load_draft = lambda: load_model(args.draft_model)
+        prompt = np.tile(encode(args.prompt)[None], (args.batch, 1))
+        eos = EOS_ID if args.stop_at_eos else None
+        draft_name = args.draft_model
+    common = dict(key=jax.random.key(args.seed), config=config, max_new_tokens=args.max_new_tokens,
+                  eos_token_id=eos)
+    if args.speculative == "none" and checkpoint:
+        run = lambda: generate(model, prompt, **common)  # decoded at the end: tokens are not bytes
+        what = ""
+    elif args.speculative == "none":
         stream = _Stream()
         run = lambda: generate(model, prompt, stream=stream, **common)
         what = ""
     elif args.speculative == "draft":
-        draft = load_model(args.draft_model)
+        draft = load_draft()
         run = lambda: speculative_generate(
             model, draft, prompt, num_speculative_tokens=args.num_speculative_tokens, **common
         )
-        what = f"draft model {args.draft_model!r}"
+        what = f"draft model {draft_name!r}"
     else:
         run = lambda: self_speculative_generate(
             model,
@@ -190,13 +255,14 @@ def _generate(args) -> int:
     jax.block_until_ready(run().tokens)  # compiles; the timed run below reuses the program
     compile_seconds = time.perf_counter() - start
     print(args.prompt, end="", flush=True)
-    if args.speculative == "none":
+    streaming = args.speculative == "none" and not checkpoint
+    if streaming:
         stream.printing = True
     start = time.perf_counter()
     out = run()
     jax.block_until_ready(out.tokens)
     seconds = time.perf_counter() - start
-    if args.speculative == "none":
+    if streaming:
         stream.finish()
     else:
         print(decode(np.asarray(out.tokens[0, : int(out.lengths[0])])))
@@ -313,8 +379,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     gen = commands.add_parser(
         "generate",
-        help="generate text with the bundled byte-level model",
-        description="Continue a prompt with the bundled model (plain, draft-model speculative or "
+        help="generate text with the bundled byte-level model or a Hugging Face checkpoint",
+        description="Continue a prompt with the bundled model or a --model-dir checkpoint (plain, "
+        "draft-model speculative or "
         "early-exit self-speculative decoding) and report tokens/s.",
     )
     gen.add_argument("--prompt", default=r"def fib(n):\n    ",
@@ -351,7 +418,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     gen.add_argument("--num-speculative-tokens", type=_positive_int, default=4,
                      help="draft tokens per verification step (default: %(default)s)")
     gen.add_argument("--stop-at-eos", action="store_true",
-                     help="stop a row at the end-of-document byte (default: generate all tokens)")
+                     help="stop a row at the end-of-document byte (default: generate all tokens; "
+                          "a --model-dir checkpoint always stops at its tokenizer's EOS)")
+    gen.add_argument("--model-dir", metavar="PATH",
+                     help="a local Hugging Face Llama / Mistral / Qwen2 checkpoint directory (config.json, "
+                          "*.safetensors, tokenizer.json) instead of --model; without --preset its "
+                          "generation_config.json gives the sampling defaults")
+    gen.add_argument("--draft-dir", metavar="PATH",
+                     help="with --model-dir: a second checkpoint (same tokenizer) as the speculative draft")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="with --model-dir: cast the weights on load (default: as stored)")
 
     train = commands.add_parser(
         "train",
@@ -400,7 +476,7 @@ def main(argv=None) -> int:
     _check_generate_args(command, args)
     try:
         return _generate(args)
-    except ValueError as error:  # a value only the library checks (e.g. a preset's override)
+    except (ValueError, FileNotFoundError) as error:  # only the library checks it (e.g. weights)
         command.error(str(error))
     return 0
 

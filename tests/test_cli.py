@@ -168,3 +168,98 @@ def test_train_without_matplotlib_and_without_touching_bundled_weights(tmp_path,
     assert (out / "log.json").exists() and (out / "model.msgpack").exists()
     assert not (out / "loss.png").exists()
     assert not (tmp_path / "bundled.msgpack").exists()
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A tiny random Llama checkpoint (transformers' save_pretrained) with a BPE tokenizer.json
+    and a greedy generation_config.json."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)\n"] * 20,
+                                  trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(directory)
+    (directory / "generation_config.json").write_text(
+        json.dumps({"do_sample": False, "bos_token_id": 1, "eos_token_id": 2})
+    )
+    return directory
+
+
+def _generated_text(out: str, prompt: str) -> str:
+    first = out.rsplit("\n\n[", 1)[0]  # the text, its newline, then a blank line and [summary]
+    assert first.startswith(prompt), out
+    return first[len(prompt):]
+
+
+def test_generate_from_a_hugging_face_checkpoint(hf_checkpoint, capsys):
+    """--model-dir: the checkpoint's greedy generation_config (no preset given), its
+    tokenizer and EOS: the text equals `generate`'s on the loaded model."""
+    import jax
+
+    from rtdlm.decoding import generate
+    from rtdlm.models import from_pretrained, load_tokenizer
+    from rtdlm.sampling import SamplingConfig
+
+    prompt = "def fibonacci(n):"
+    argv = ["generate", "--model-dir", str(hf_checkpoint), "--prompt", prompt, "--max-new-tokens", "10"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s, prefill included, compile excluded" in out
+    tokenizer = load_tokenizer(hf_checkpoint)
+    expected = generate(from_pretrained(hf_checkpoint), tokenizer.encode(prompt)[None], key=jax.random.key(0),
+                        config=SamplingConfig.from_generation_config(hf_checkpoint), max_new_tokens=10,
+                        eos_token_id=tokenizer.eos_token_id)
+    assert _generated_text(out, prompt) == tokenizer.decode(expected.tokens[0, : int(expected.lengths[0])])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra", [["--draft-dir", "CHECKPOINT"], ["--speculative", "self", "--early-exit-layer", "1"]],
+    ids=["draft-dir", "self-speculative"],
+)
+def test_speculative_generate_from_a_hugging_face_checkpoint(hf_checkpoint, capsys, extra):
+    """Greedy (the checkpoint's generation_config): speculative text equals plain decoding's."""
+    prompt = "def fibonacci(n):"
+    base = ["generate", "--model-dir", str(hf_checkpoint), "--prompt", prompt, "--max-new-tokens", "10"]
+    texts = []
+    for flags in ([], [str(hf_checkpoint) if a == "CHECKPOINT" else a for a in extra]):
+        assert main([*base, *flags]) == 0
+        out = capsys.readouterr().out
+        texts.append(_generated_text(out, prompt))
+    assert "; drafts accepted " in out
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--model-dir", "no/such/dir"], "--model-dir 'no/such/dir': no such directory"),
+        (["--model-dir", "CHECKPOINT", "--draft-dir", "no/such/draft"], "--draft-dir 'no/such/draft'"),
+        (["--model-dir", "CHECKPOINT", "--speculative", "draft"], "needs --draft-dir"),
+        (["--model-dir", "CHECKPOINT", "--speculative", "self", "--early-exit-layer", "3"], "1..2"),
+        (["--draft-dir", "CHECKPOINT"], "--draft-dir needs --model-dir"),
+    ],
+)
+def test_bad_checkpoint_directories_are_one_line_and_exit_code_2(hf_checkpoint, capsys, extra, expected):
+    argv = ["generate", *[str(hf_checkpoint) if a == "CHECKPOINT" else a for a in extra]]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    assert expected in captured.err and "python -m rtdlm generate --help" in captured.err
