@@ -71,3 +71,21 @@ def test_results_go_to_runs_unless_saved_explicitly(repo_root):
     for script in ("sampler.py", "decode.py", "speculative.py", "sharded_sampler.py"):
         source = (repo_root / "benchmarks" / script).read_text()
         assert "output_path(args," in source and '"benchmarks/results/' not in source, script
+
+
+@pytest.mark.slow
+def test_vs_transformers_benchmark(repo_root, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "vs-transformers.json"
+    run_benchmark(repo_root, "vs_transformers.py", "--out", str(out))
+    payload = json.loads(out.read_text())
+    assert max(payload["max_abs_logit_difference"].values()) <= 1e-4
+    assert {(row["batch"], row["mode"]) for row in payload["generate"]} == {
+        (b, m) for b in (1, 2) for m in ("greedy", "sampling")
+    }
+    for row in payload["generate"]:
+        assert row["rtdlm_over_transformers_dynamic"]["ratio"] > 0
+        assert row["rtdlm_over_transformers_static"]["ratio"] > 0
+    assert payload["speculative"][0]["rtdlm_speculative_over_transformers_assisted"]["ratio"] > 0
+    assert payload["speculative"][1]["batch"] == 2
