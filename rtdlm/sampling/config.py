@@ -336,9 +336,6 @@ class SamplingConfig:
 
         return jax.tree_util.tree_map_with_path(expand, self)
 
-    def _row_leaves(self):
-        return [getattr(self, name) for name in _FIELDS if getattr(self, name) is not None]
-
     # ---- loaders -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SamplingConfig:
