@@ -4,7 +4,14 @@ from rtdlm.decoding.common import GenerationOutput, emit_accepted
 from rtdlm.decoding.loop import generate
 from rtdlm.decoding.model import LinenModel, Model, SharesLayers
 from rtdlm.decoding.self_speculative import self_speculative_generate
-from rtdlm.decoding.speculative import Drafting, speculative_generate
+from rtdlm.decoding.speculative import (
+    Drafting,
+    ModelDrafting,
+    Proposal,
+    Round,
+    advance_states,
+    speculative_generate,
+)
 from rtdlm.decoding.verify import verify_drafts
 
 __all__ = [
@@ -12,7 +19,11 @@ __all__ = [
     "GenerationOutput",
     "LinenModel",
     "Model",
+    "ModelDrafting",
+    "Proposal",
+    "Round",
     "SharesLayers",
+    "advance_states",
     "emit_accepted",
     "generate",
     "self_speculative_generate",

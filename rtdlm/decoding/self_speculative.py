@@ -17,7 +17,7 @@ import numpy as np
 
 from rtdlm.decoding.common import GenerationOutput
 from rtdlm.decoding.model import SharesLayers
-from rtdlm.decoding.speculative import Drafting, check_num_speculative_tokens, run_speculative
+from rtdlm.decoding.speculative import ModelDrafting, check_num_speculative_tokens, run_speculative
 from rtdlm.sampling import DEFAULT_PROCESSORS, Processor, SamplingConfig
 
 
@@ -41,7 +41,7 @@ def can_share_layers(model) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class EarlyExit(Drafting):
+class EarlyExit(ModelDrafting):
     """models = the model; caches = its one cache, shared by draft and verify passes."""
 
     exit_layer: int

@@ -48,12 +48,35 @@ from rtdlm.sampling import (
 )
 
 
+class Proposal(struct.PyTreeNode):
+    """One round's drafts, as the verification needs them."""
+
+    caches: Any  # the drafting strategy's caches after drafting
+    drafts: jax.Array  # [B, K] int32 drafted tokens (an id outside [0, V) is never accepted)
+    q: jax.Array  # [B, K, V] the distributions the drafts were drawn from (one-hot: a point mass)
+    states: Any  # processor states, leaves [B, K+1, ...]: position j = state after drafts < j
+    saved: Any  # whatever `verify` may reuse from drafting
+
+
+class Round(struct.PyTreeNode):
+    """What a drafting strategy sees of the loop at the start of a round."""
+
+    last: jax.Array  # [B] the last emitted token, not yet fed to the models
+    position: jax.Array  # [B] its position
+    processor_state: Any  # the processors' state after every emitted token
+    prompt: jax.Array  # [B, P] the prompt (right-padded)
+    prompt_lengths: jax.Array  # [B]
+    tokens: jax.Array  # [B, N] the output so far (pad after `emitted`)
+    emitted: jax.Array  # [B] tokens emitted so far
+
+
 class Drafting(abc.ABC):
     """How a speculative decoder drafts and verifies; `models` and `caches` are PyTrees.
 
-    draft(models, caches, tokens [B, 1], positions [B, 1]) -> (logits [B, V], caches, saved)
-      feeds one token, returns the next-token logits and anything the verify pass may
-      reuse (`saved`, stacked over the K draft steps).
+    propose(models, caches, round, key, processors, config, num_drafts) -> Proposal
+      drafts K tokens per row. Draft j must be drawn from `q[:, j]` (any distribution,
+      e.g. a point mass) and `states[:, j]` must be the processors' state after drafts < j
+      (`advance_states`), so that verification stays lossless.
     verify(models, caches, tokens [B, K+1], positions [B, K+1], saved) -> (logits [B, K+1, V], caches)
       scores the round's last token and its K drafts. Afterwards the drafter must have seen
       every token up to the last draft, so the next round feeds it only the new last token.
@@ -64,16 +87,68 @@ class Drafting(abc.ABC):
         """(logits [B, P, V], caches) for the prompt, caches of `cache_length` slots."""
 
     @abc.abstractmethod
-    def draft(self, models, caches, tokens, positions) -> tuple[jax.Array, Any, Any]:
-        """One draft step (see the class docstring)."""
+    def propose(self, models, caches, round: Round, key, processors, config, num_drafts) -> Proposal:
+        """One round's drafts (see the class docstring)."""
 
     @abc.abstractmethod
     def verify(self, models, caches, tokens, positions, saved) -> tuple[jax.Array, Any]:
         """The verify pass (see the class docstring)."""
 
 
+def _stack_rows(stacked, final):
+    """Per-position states: [K, B, ...] leaves and the [B, ...] state after all K drafts ->
+    [B, K+1, ...] (position j: the state after drafts < j)."""
+    return jax.tree.map(
+        lambda s, f: jnp.concatenate([jnp.swapaxes(s, 0, 1), f[:, None]], axis=1), stacked, final
+    )
+
+
+def advance_states(processors, state, drafts, config):
+    """The processors' state along fixed drafts [B, K]: leaves [B, K+1, ...] (see Proposal)."""
+    every_row = jnp.ones(drafts.shape[0], bool)
+
+    def step(state, drafted):
+        return processors.update(state, drafted, every_row, config), state
+
+    final, states = jax.lax.scan(step, state, drafts.T)
+    return _stack_rows(states, final)
+
+
+class ModelDrafting(Drafting):
+    """Drafts by sampling a model's next-token distribution, one token fed per step.
+
+    draft(models, caches, tokens [B, 1], positions [B, 1]) -> (logits [B, V], caches, saved)
+      feeds one token, returns the next-token logits and anything the verify pass may
+      reuse (`saved`, stacked over the K draft steps).
+    """
+
+    @abc.abstractmethod
+    def draft(self, models, caches, tokens, positions) -> tuple[jax.Array, Any, Any]:
+        """One draft step (see the class docstring)."""
+
+    def propose(self, models, caches, round, key, processors, config, num_drafts):
+        batch = round.last.shape[0]
+        every_row = jnp.ones(batch, bool)
+
+        def step(carry, j):
+            caches, previous, state = carry
+            logits, caches, saved = self.draft(
+                models, caches, previous[:, None], (round.position + j)[:, None]
+            )
+            q = probabilities(processors.process(logits, config, state))  # [B, V], draft j's distribution
+            drafted = draw(row_keys(jax.random.fold_in(key, j), config, batch), q)
+            state_after = processors.update(state, drafted, every_row, config)
+            return (caches, drafted, state_after), (drafted, q, state, saved)
+
+        carry = (caches, round.last, round.processor_state)
+        (caches, _, final_state), (drafts, q, states, saved) = jax.lax.scan(
+            step, carry, jnp.arange(num_drafts)
+        )
+        return Proposal(caches, drafts.T, jnp.swapaxes(q, 0, 1), _stack_rows(states, final_state), saved)
+
+
 @dataclasses.dataclass(frozen=True)
-class DraftModel(Drafting):
+class DraftModel(ModelDrafting):
     """models = (target, draft); caches = (target cache, draft cache)."""
 
     def prefill(self, models, prompt, positions, cache_length):
@@ -206,14 +281,6 @@ class SpeculativeState:
     num_accepted: jax.Array  # [B] draft tokens accepted
 
 
-def _stack_rows(stacked, final):
-    """Per-position states: [K, B, ...] leaves and the [B, ...] state after all K drafts ->
-    [B, K+1, ...] (position j: the state after drafts < j)."""
-    return jax.tree.map(
-        lambda s, f: jnp.concatenate([jnp.swapaxes(s, 0, 1), f[:, None]], axis=1), stacked, final
-    )
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("processors", "drafting", "num_speculative_tokens", "max_new_tokens", "cache_length"),
@@ -259,31 +326,18 @@ def speculative_loop(
         num_accepted=zeros,
     )
 
-    def draft_round(s: SpeculativeState, draft_key):
-        """K drafts, one token fed per step (`last`, then each draft)."""
-
-        def step(carry, j):
-            caches, previous, state = carry
-            logits, caches, saved = drafting.draft(
-                models, caches, previous[:, None], (s.position + j)[:, None]
-            )
-            q = probabilities(processors.process(logits, config, state))  # [B, V], draft j's distribution
-            drafted = draw(row_keys(jax.random.fold_in(draft_key, j), config, batch), q)
-            state_after = processors.update(state, drafted, every_row, config)
-            return (caches, drafted, state_after), (drafted, q, state, saved)
-
-        carry = (s.caches, s.last, s.processor_state)
-        (caches, _, final_state), (drafts, q, states, saved) = jax.lax.scan(step, carry, jnp.arange(k))
-        return caches, drafts.T, jnp.swapaxes(q, 0, 1), _stack_rows(states, final_state), saved
-
     def one_round(s: SpeculativeState) -> SpeculativeState:
         draft_key, accept_key, resample_key = jax.random.split(jax.random.fold_in(key, s.round), 3)
         # drafts [B, K], q [B, K, V], states: leaves [B, K+1, ...]
-        caches, drafts, q, states, saved = draft_round(s, draft_key)
+        context = Round(s.last, s.position, s.processor_state, prompt, lengths, s.tokens, s.emitted)
+        proposal = drafting.propose(models, s.caches, context, draft_key, processors, config, k)
+        drafts, q, states = proposal.drafts, proposal.q, proposal.states
 
         verify_tokens = jnp.concatenate([s.last[:, None], drafts], axis=1)  # [B, K+1]
         verify_positions = s.position[:, None] + jnp.arange(k + 1)[None]
-        logits, caches = drafting.verify(models, caches, verify_tokens, verify_positions, saved)
+        logits, caches = drafting.verify(
+            models, proposal.caches, verify_tokens, verify_positions, proposal.saved
+        )
         # p_j is processed with the state after drafts < j, as q_j was: all K+1 positions as rows.
         flat_states = jax.tree.map(lambda x: x.reshape(batch * (k + 1), *x.shape[2:]), states)
         processed = processors.process(
