@@ -3,6 +3,7 @@
 from rtdlm.decoding.common import GenerationOutput, emit_accepted
 from rtdlm.decoding.loop import generate
 from rtdlm.decoding.model import LinenModel, Model, SharesLayers
+from rtdlm.decoding.prompt_lookup import PromptLookup, prompt_lookup_generate
 from rtdlm.decoding.self_speculative import self_speculative_generate
 from rtdlm.decoding.speculative import (
     Drafting,
@@ -20,12 +21,14 @@ __all__ = [
     "LinenModel",
     "Model",
     "ModelDrafting",
+    "PromptLookup",
     "Proposal",
     "Round",
     "SharesLayers",
     "advance_states",
     "emit_accepted",
     "generate",
+    "prompt_lookup_generate",
     "self_speculative_generate",
     "speculative_generate",
     "verify_drafts",
