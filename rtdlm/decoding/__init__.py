@@ -1,8 +1,9 @@
 """Decode loops that drive a model: plain, speculative and self-speculative generation."""
 
+from rtdlm.decoding.beam import BeamSearchOutput, beam_search
 from rtdlm.decoding.common import GenerationOutput, emit_accepted
 from rtdlm.decoding.loop import generate
-from rtdlm.decoding.model import LinenModel, Model, SharesLayers
+from rtdlm.decoding.model import LinenModel, Model, SharesLayers, reorder_cache
 from rtdlm.decoding.prompt_lookup import PromptLookup, prompt_lookup_generate
 from rtdlm.decoding.self_speculative import self_speculative_generate
 from rtdlm.decoding.speculative import (
@@ -16,6 +17,7 @@ from rtdlm.decoding.speculative import (
 from rtdlm.decoding.verify import verify_drafts
 
 __all__ = [
+    "BeamSearchOutput",
     "Drafting",
     "GenerationOutput",
     "LinenModel",
@@ -26,9 +28,11 @@ __all__ = [
     "Round",
     "SharesLayers",
     "advance_states",
+    "beam_search",
     "emit_accepted",
     "generate",
     "prompt_lookup_generate",
+    "reorder_cache",
     "self_speculative_generate",
     "speculative_generate",
     "verify_drafts",

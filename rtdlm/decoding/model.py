@@ -13,6 +13,14 @@ rolling back rejected speculative tokens is just passing smaller positions next 
 `num_layers` (validates `early_exit_layer`), `max_length` (validates cache sizes), and for
 self-speculative decoding that reuses the draft's work, `embed(tokens) -> hidden`,
 `run_layers(hidden, positions, cache, start, stop) -> (hidden, cache)`, `logits(hidden)`.
+
+Beam search moves cache rows between beams with the optional
+`reorder_cache(cache, indices [B'] int32) -> cache`: row i of the result is row
+`indices[i]` of `cache` (B' may differ from the cache's B: the prefill of each prompt is
+also copied to its beams this way). Without it, `reorder_cache(model, cache, indices)`
+below gathers every cache leaf on axis 0, so then every leaf must be batch-first,
+`[B, ...]`; a model whose cache merges the batch with another axis (the bundled
+transformer's `[B*Hkv, ...]`) implements the method.
 """
 
 from __future__ import annotations
@@ -75,3 +83,18 @@ class LinenModel:
     @property
     def num_layers(self) -> int | None:
         return getattr(self.module, "num_layers", None)
+
+
+def reorder_cache(model, cache, indices: jax.Array):
+    """`model.reorder_cache(cache, indices)` if the model has it; else every leaf gathered
+    on its batch axis, axis 0: `leaf[indices]`. indices [B'] int32 rows of the old cache."""
+    if hasattr(model, "reorder_cache"):
+        return model.reorder_cache(cache, indices)
+    leaves = jax.tree.leaves(cache)
+    batch = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+    if len(batch) > 1 or None in batch:
+        raise ValueError(
+            f"cannot reorder this cache by beam: its leaves' first axes differ ({sorted(map(str, batch))}); "
+            "put the batch axis first in every leaf or give the model a reorder_cache(cache, indices) method"
+        )
+    return jax.tree.map(lambda leaf: leaf[indices], cache)

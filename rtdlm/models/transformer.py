@@ -523,6 +523,17 @@ class Transformer(nnx.Module):
             (jnp.zeros(keys, dtype), jnp.zeros(values, dtype)) for _ in range(self.num_layers)
         )
 
+    def reorder_cache(self, cache: Cache, indices: jax.Array) -> Cache:
+        """Row i of the new cache is row `indices[i]` ([B'] int32) of `cache` (beam search).
+        The leaves merge batch and key/value heads, [B*Hkv, ...]: gathered per row."""
+        heads = self.config.num_kv_heads
+
+        def gather(leaf):  # [B*Hkv, ...] -> [B'*Hkv, ...]
+            rows = leaf.reshape(-1, heads, *leaf.shape[1:])[indices]
+            return rows.reshape(-1, *leaf.shape[1:])
+
+        return jax.tree.map(gather, cache)
+
     def _check_exit_layer(self, exit_layer: Any) -> int:
         if isinstance(exit_layer, bool) or not isinstance(exit_layer, (int, np.integer)):
             raise TypeError(f"exit_layer must be a Python int or None, got {type(exit_layer)}")
