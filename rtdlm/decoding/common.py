@@ -3,6 +3,8 @@ writing a round's accepted tokens into the output."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,12 +17,81 @@ from rtdlm.sampling.sharded import sharded_sample
 
 @struct.dataclass
 class GenerationOutput:
-    """New tokens only. After a row's EOS the rest of its row is `pad_token_id`."""
+    """New tokens only. After a row's stop the rest of its row is `pad_token_id`."""
 
     tokens: jax.Array  # [B, max_new_tokens] int32
-    lengths: jax.Array  # [B] new tokens per row, the EOS included
+    lengths: jax.Array  # [B] new tokens per row, the stop included
     num_drafted: jax.Array | None = None  # [B] speculative only: draft tokens proposed
     num_accepted: jax.Array | None = None  # [B] speculative only: draft tokens accepted
+    # [B, max_new_tokens] float32: each token's log-probability under the distribution it was
+    # drawn from ("processed"; greedy rows: 0.0) or the model's log-softmax ("raw"); 0.0 after
+    # the row's end.
+    logprobs: jax.Array | None = None
+    top_token_ids: jax.Array | None = None  # [B, N, k] with num_top_logprobs=k: most probable first
+    top_logprobs: jax.Array | None = None  # [B, N, k] their logprobs (same mode; -inf: no mass)
+
+
+LOGPROBS_MODES = ("processed", "raw")
+
+
+def check_output_args(logprobs_mode, num_top_logprobs, num_samples) -> None:
+    if logprobs_mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+    for name, value, low in (("num_top_logprobs", num_top_logprobs, 0), ("num_samples", num_samples, 1)):
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def stop_sequences_array(stop_sequences, batch: int) -> jax.Array | None:
+    """Stop sequences -> [B, M, L] int32, right-aligned, left-padded with -1 (None if none).
+
+    `stop_sequences`: a list of token-id sequences for every row, or one such list per row
+    (a list of B lists of sequences)."""
+    if stop_sequences is None or len(stop_sequences) == 0:
+        return None
+
+    def is_sequence(x):
+        return isinstance(x, (list, tuple, np.ndarray)) and all(_is_int(t) for t in x)
+
+    if all(is_sequence(seq) for seq in stop_sequences):
+        rows = [list(stop_sequences)] * batch
+    elif len(stop_sequences) == batch and all(
+        isinstance(row, (list, tuple)) and all(is_sequence(seq) for seq in row) for row in stop_sequences
+    ):
+        rows = [list(row) for row in stop_sequences]
+    else:
+        raise TypeError(
+            "stop_sequences must be a list of token-id sequences, or one such list per prompt row "
+            f"({batch} rows), got {stop_sequences!r}"
+        )
+    sequences = [[list(map(int, seq)) for seq in row] for row in rows]
+    if any(len(seq) == 0 or min(seq) < 0 for row in sequences for seq in row):
+        raise ValueError(f"stop_sequences must hold non-empty sequences of ids >= 0, got {stop_sequences!r}")
+    count = max(len(row) for row in sequences)
+    width = max((len(seq) for row in sequences for seq in row), default=1)
+    out = np.full((batch, max(count, 1), width), -1, np.int32)
+    for b, row in enumerate(sequences):
+        for m, seq in enumerate(row):
+            out[b, m, width - len(seq) :] = seq
+    return jnp.asarray(out)
+
+
+def expand_samples(num_samples: int, prompt, lengths, config: SamplingConfig, stop_sequences):
+    """Each prompt row repeated `num_samples` times in a row (row b * n + i = sample i of
+    prompt b), with its per-row config values and stop sequences. Per-row seeds become
+    `seed * n + i`, so the samples of one prompt draw independently."""
+    if num_samples == 1:
+        return prompt, lengths, config, stop_sequences
+    repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+    seed = config.seed
+    if seed is not None and jnp.ndim(seed) == 1:
+        sample_index = jnp.tile(jnp.arange(num_samples, dtype=jnp.uint32), jnp.shape(seed)[0])
+        seed = repeat(jnp.asarray(seed, jnp.uint32)) * jnp.uint32(num_samples) + sample_index
+    config = config.repeat_rows(num_samples).replace(seed=seed)
+    stops = None if stop_sequences is None else repeat(stop_sequences)
+    return repeat(prompt), repeat(lengths), config, stops
 
 
 def vocab_size(model) -> int:
@@ -102,13 +173,16 @@ def check_generation_args(
     return prompt.astype(jnp.int32), lengths, cache_length
 
 
-def with_eos(config: SamplingConfig, eos_token_id) -> SamplingConfig:
-    """`eos_token_id` (argument) overrides the config's; it also feeds min_new_tokens."""
-    if eos_token_id is None:
-        return config
-    if not _is_int(eos_token_id) or not -1 <= eos_token_id <= np.iinfo(np.int32).max:
-        raise ValueError(f"eos_token_id must be a token id (int32) or -1, got {eos_token_id!r}")
-    return config.replace(eos_token_id=eos_token_id)
+def with_eos(config: SamplingConfig, eos_token_id, stop_token_ids=None) -> SamplingConfig:
+    """`eos_token_id` and `stop_token_ids` (arguments) override the config's; they also feed
+    min_new_tokens."""
+    if eos_token_id is not None:
+        if not _is_int(eos_token_id) or not -1 <= eos_token_id <= np.iinfo(np.int32).max:
+            raise ValueError(f"eos_token_id must be a token id (int32) or -1, got {eos_token_id!r}")
+        config = config.replace(eos_token_id=eos_token_id)
+    if stop_token_ids is not None:
+        config = config.replace(stop_token_ids=stop_token_ids)
+    return config
 
 
 def last_prompt_logits(logits, lengths):
@@ -116,27 +190,92 @@ def last_prompt_logits(logits, lengths):
     return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
-def sample_tokens(key, logits, config, processors: LogitsProcessor, state, mesh: Mesh | None = None):
+class Step(struct.PyTreeNode):
+    """One sampling step's tokens and what the outputs record about them."""
+
+    token: jax.Array  # [B] int32
+    logprob: jax.Array  # [B] float32
+    top_ids: jax.Array  # [B, k] int32
+    top_logprobs: jax.Array  # [B, k] float32
+
+
+def record(logits, processed, tokens, logprobs_mode: str, num_top_logprobs: int):
+    """Logprobs of `tokens` [...] and the top-k under the processed [..., V] logits or, with
+    mode "raw", the model's own `logits` [..., V]: (logprob [...], top ids, top logprobs [..., k])."""
+    scores = logits.astype(jnp.float32) if logprobs_mode == "raw" else processed
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    log_total = jnp.log(jnp.sum(jnp.exp(scores - row_max), axis=-1))
+    chosen = jnp.take_along_axis(scores, tokens[..., None], axis=-1)[..., 0] - row_max[..., 0]
+    top_values, top_ids = jax.lax.top_k(scores, num_top_logprobs)
+    top_logprobs = top_values - row_max - log_total[..., None]
+    return chosen - log_total, top_ids.astype(jnp.int32), top_logprobs
+
+
+def sample_tokens(
+    key,
+    logits,
+    config,
+    processors: LogitsProcessor,
+    state,
+    mesh: Mesh | None = None,
+    logprobs_mode: str = "processed",
+    num_top_logprobs: int = 0,
+) -> Step:
     """One sampling step: [B, V] logits -> [B] tokens, processed with the processors' state.
 
     With a `mesh` (axes "model" and optionally "data"), the logits and the state stay split
-    over the vocabulary and the sampler runs where they lie (`rtdlm.sampling.sharded`).
+    over the vocabulary and the sampler runs where they lie (`rtdlm.sampling.sharded`); the
+    logprobs then come from its result (top logprobs and "raw" need the local path).
     """
     if mesh is not None:
         batch_axis = "data" if "data" in mesh.axis_names else None
-        return sharded_sample(
+        result = sharded_sample(
             mesh, key, logits, config, state=state, batch_axis=batch_axis, processors=processors
-        ).token_id
-    processed = processors.process(logits, config, state)
-    return sample_processed(row_keys(key, config, logits.shape[0]), processed).token_id
+        )
+        token = result.token_id
+        if logprobs_mode == "processed" and num_top_logprobs == 0:
+            empty = jnp.zeros((token.shape[0], 0))
+            return Step(token, result.logprob, empty.astype(jnp.int32), empty)
+        # The whole-vocabulary scores are needed: gather them (costly, but only on request).
+        processed = processors.process(logits, config, state)
+    else:
+        processed = processors.process(logits, config, state)
+        token = sample_processed(row_keys(key, config, logits.shape[0]), processed).token_id
+    return Step(token, *record(logits, processed, token, logprobs_mode, num_top_logprobs))
 
 
-def output_lengths(tokens, eos):
-    """[B] new tokens per row: up to and including the first EOS, else the full width."""
-    width = tokens.shape[1]
-    is_eos = tokens == eos[:, None]
-    first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, width)
-    return first_eos.astype(jnp.int32)
+def recent_tokens(tokens, emitted, count: int):
+    """[B, count]: the last `count` tokens written before `emitted` [B] in tokens [B, N]
+    (-2 where the output has fewer)."""
+    index = emitted[:, None] - count + jnp.arange(count)[None]
+    recent = jnp.take_along_axis(tokens, jnp.maximum(index, 0), axis=1)
+    return jnp.where(index >= 0, recent, -2)
+
+
+def stop_hits(new, stop_ids, stop_sequences=None, recent=None):
+    """[B, T] bool: whether new token t [B, T] is a stop id ([B, S], -1 = none) or the last
+    token of a stop sequence ([B, M, L], right-aligned, -1 = left padding) whose earlier
+    tokens are `recent` [B, L-1] (generated before `new`) then new[:, :t]."""
+    hits = jnp.any(new[:, :, None] == stop_ids[:, None, :], axis=-1)
+    if stop_sequences is None:
+        return hits
+    length = stop_sequences.shape[-1]
+    window = jnp.concatenate([recent, new], axis=1)  # [B, L-1+T]
+    index = jnp.arange(new.shape[1])[:, None] + jnp.arange(length)[None]  # [T, L]
+    windows = window[:, index]  # [B, T, L]: the L tokens ending at new token t
+    seqs = stop_sequences[:, None]  # [B, 1, M, L]
+    match = jnp.all((seqs == -1) | (seqs == windows[:, :, None]), axis=-1)  # [B, T, M]
+    real = jnp.any(stop_sequences >= 0, axis=-1)[:, None]  # [B, 1, M]: not an all-padding row
+    return hits | jnp.any(match & real, axis=-1)
+
+
+def write_rows(buffer, emitted, values, count):
+    """Writes values[b, :count[b]] ([B, T, ...]) at buffer[b, emitted[b]:] ([B, N, ...]),
+    cut at the buffer's width."""
+    batch, width = buffer.shape[:2]
+    slot = jnp.arange(values.shape[1])[None]
+    index = jnp.where(slot < count[:, None], emitted[:, None] + slot, width)
+    return buffer.at[jnp.arange(batch)[:, None], index].set(values, mode="drop")
 
 
 class Emitted(struct.PyTreeNode):
@@ -145,28 +284,47 @@ class Emitted(struct.PyTreeNode):
     tokens: jax.Array  # [B, N] the output with this round's tokens written
     count: jax.Array  # [B] tokens written this round (0 for finished rows)
     last: jax.Array  # [B] the last token written (the previous one where none was)
-    done: jax.Array  # [B] finished after this round (EOS written, or the output is full)
+    done: jax.Array  # [B] finished after this round (a stop written, or the output is full)
 
 
 def emit_accepted(
-    tokens, emitted, last, done, drafts, num_accepted, next_token, eos, pad_token_id
+    tokens, emitted, last, done, drafts, num_accepted, next_token, eos, pad_token_id, stop_sequences=None
 ) -> Emitted:
-    """Writes `drafts[:a]` then `next_token` after each row's `emitted` tokens, cut after an
-    EOS and at the output's width; finished rows write nothing.
+    """Writes `drafts[:a]` then `next_token` after each row's `emitted` tokens, cut after a
+    stop and at the output's width; finished rows write nothing.
 
     tokens [B, N]; emitted [B]; last [B] the last token written so far; done [B] bool;
-    drafts [B, K]; num_accepted [B] (a in [0, K]); next_token [B]; eos [B] (-1: none).
+    drafts [B, K]; num_accepted [B] (a in [0, K]); next_token [B]; eos: the stop ids, [B]
+    or [B, S] (-1: none); stop_sequences: [B, M, L] (see `stop_hits`) or None. Only
+    generated tokens count toward a stop sequence; one may straddle rounds.
     """
-    batch, width = tokens.shape
-    rows = jnp.arange(batch)
-    slot = jnp.arange(drafts.shape[1] + 1)[None]  # [1, K+1]
+    width = tokens.shape[1]
+    batch, num_drafts = drafts.shape
+    slot = jnp.arange(num_drafts + 1)[None]  # [1, K+1]
     new = jnp.where(slot < num_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])
     new = jnp.where(slot <= num_accepted[:, None], new, pad_token_id)
-    is_eos = (new == eos[:, None]) & (slot <= num_accepted[:, None])
-    upto_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1) + 1, num_accepted + 1)
-    count = jnp.where(done, 0, jnp.minimum(upto_eos, width - emitted))  # [B]
-    write = slot < count[:, None]
-    tokens = tokens.at[rows[:, None], jnp.where(write, emitted[:, None] + slot, width)].set(new, mode="drop")
-    last = jnp.where(count > 0, new[rows, jnp.maximum(count - 1, 0)], last)
-    done = done | jnp.any(is_eos & write, 1) | (emitted + count >= width)
-    return Emitted(tokens, count.astype(jnp.int32), last, done)
+    stop_ids = eos[:, None] if eos.ndim == 1 else eos
+    recent = None
+    if stop_sequences is not None:
+        recent = recent_tokens(tokens, emitted, stop_sequences.shape[-1] - 1)
+    is_stop = stop_hits(new, stop_ids, stop_sequences, recent) & (slot <= num_accepted[:, None])
+    upto_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1) + 1, num_accepted + 1)
+    count = jnp.where(done, 0, jnp.minimum(upto_stop, width - emitted)).astype(jnp.int32)  # [B]
+    tokens = write_rows(tokens, emitted, new, count)
+    last = jnp.where(count > 0, new[jnp.arange(batch), jnp.maximum(count - 1, 0)], last)
+    done = done | jnp.any(is_stop & (slot < count[:, None]), 1) | (emitted + count >= width)
+    return Emitted(tokens, count, last, done)
+
+
+def outputs(final, num_top_logprobs: int, **speculative) -> GenerationOutput:
+    """The `GenerationOutput` of a loop's final carry (fields tokens, emitted, logprobs,
+    top_ids, top_logprobs)."""
+    top = num_top_logprobs > 0
+    return GenerationOutput(
+        tokens=final.tokens,
+        lengths=final.emitted,
+        logprobs=final.logprobs,
+        top_token_ids=final.top_ids if top else None,
+        top_logprobs=final.top_logprobs if top else None,
+        **speculative,
+    )

@@ -83,13 +83,14 @@ def self_speculative_generate(
     pad_token_id: int = 0,
     share_layers: bool | None = None,
     processors: Processor = DEFAULT_PROCESSORS,
+    **output_args,
 ) -> GenerationOutput:
     """Speculative decoding with the model's first `early_exit_layer` layers as the draft.
 
     Lossless like `speculative_generate`: the output follows `generate(model, ...)` exactly.
     `share_layers` (default: when the model supports it) reuses the draft's hidden states
     and cache in verification; `False` forces the full verification pass. `processors`:
-    as for `speculative_generate`.
+    as for `speculative_generate`; `output_args`: `generate`'s stop, sample and logprob arguments.
     """
     check_num_speculative_tokens(num_speculative_tokens)
     check_early_exit_layer(model, early_exit_layer)
@@ -110,4 +111,5 @@ def self_speculative_generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         processors=processors,
+        **output_args,
     )

@@ -29,12 +29,17 @@ from flax import struct
 from rtdlm.decoding.common import (
     GenerationOutput,
     check_generation_args,
+    check_output_args,
     emit_accepted,
+    expand_samples,
     last_prompt_logits,
-    output_lengths,
+    outputs,
+    record,
     sample_tokens,
+    stop_sequences_array,
     vocab_size,
     with_eos,
+    write_rows,
 )
 from rtdlm.decoding.verify import verify_drafts
 from rtdlm.sampling import (
@@ -191,6 +196,7 @@ def speculative_generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     processors: Processor = DEFAULT_PROCESSORS,
+    **output_args,
 ) -> GenerationOutput:
     """Speculative decoding: the output follows exactly what `generate(target_model, ...)`
     samples with the same config (and greedy rows are token-for-token identical).
@@ -198,7 +204,10 @@ def speculative_generate(
     Args and result as `generate`, plus `draft_model` (same vocabulary) and
     `num_speculative_tokens` (K, drafts per round). `GenerationOutput.num_drafted` and
     `.num_accepted` count the draft tokens proposed and accepted per row. `processors`
-    (any stateful chain) process both the draft's q and the target's p.
+    (any stateful chain) process both the draft's q and the target's p. `output_args`: the
+    keyword arguments of `generate` for stops, samples and logprobs (`stop_token_ids`,
+    `stop_sequences`, `num_samples`, `logprobs_mode`, `num_top_logprobs`); logprobs come from
+    the target's processed p, so they equal what `generate` reports for the same tokens.
     """
     check_num_speculative_tokens(num_speculative_tokens)
     target_vocab, draft_vocab = vocab_size(target_model), vocab_size(draft_model)
@@ -219,6 +228,7 @@ def speculative_generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         processors=processors,
+        **output_args,
     )
 
 
@@ -236,8 +246,15 @@ def run_speculative(
     eos_token_id,
     pad_token_id,
     processors,
+    stop_token_ids=None,
+    stop_sequences=None,
+    num_samples: int = 1,
+    logprobs_mode: str = "processed",
+    num_top_logprobs: int = 0,
 ) -> GenerationOutput:
-    """The Python boundary both speculative decoders share: checks, then the loop."""
+    """The Python boundary the speculative decoders share: checks, then the loop."""
+    config = with_eos(config, eos_token_id, stop_token_ids)
+    check_output_args(logprobs_mode, num_top_logprobs, num_samples)
     prompt, lengths, cache_length = check_generation_args(
         target_model,
         prompt_tokens,
@@ -250,6 +267,8 @@ def run_speculative(
     )
     if prompt.shape[0] == 0:
         raise ValueError("speculative decoding needs at least one prompt row, got a batch of 0")
+    stops = stop_sequences_array(stop_sequences, prompt.shape[0])
+    prompt, lengths, config, stops = expand_samples(num_samples, prompt, lengths, config, stops)
     return speculative_loop(
         as_processor(processors),
         drafting,
@@ -257,11 +276,14 @@ def run_speculative(
         prompt,
         lengths,
         key,
-        with_eos(config, eos_token_id),
+        config,
         pad_token_id,
+        stops,
         num_speculative_tokens=num_speculative_tokens,
         max_new_tokens=max_new_tokens,
         cache_length=cache_length,
+        logprobs_mode=logprobs_mode,
+        num_top_logprobs=num_top_logprobs,
     )
 
 
@@ -275,15 +297,26 @@ class SpeculativeState:
     last: jax.Array  # [B] the last emitted token, not yet fed to the models
     position: jax.Array  # [B] its position
     emitted: jax.Array  # [B] tokens emitted so far
-    done: jax.Array  # [B] bool: EOS emitted or the output is full
+    done: jax.Array  # [B] bool: a stop emitted or the output is full
     tokens: jax.Array  # [B, N] the output
+    logprobs: jax.Array  # [B, N] float32
+    top_ids: jax.Array  # [B, N, k] int32
+    top_logprobs: jax.Array  # [B, N, k] float32
     num_drafted: jax.Array  # [B] draft tokens proposed
     num_accepted: jax.Array  # [B] draft tokens accepted
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("processors", "drafting", "num_speculative_tokens", "max_new_tokens", "cache_length"),
+    static_argnames=(
+        "processors",
+        "drafting",
+        "num_speculative_tokens",
+        "max_new_tokens",
+        "cache_length",
+        "logprobs_mode",
+        "num_top_logprobs",
+    ),
 )
 def speculative_loop(
     processors,
@@ -294,10 +327,13 @@ def speculative_loop(
     key,
     config,
     pad_token_id,
+    stop_sequences,
     *,
     num_speculative_tokens,
     max_new_tokens,
     cache_length,
+    logprobs_mode,
+    num_top_logprobs,
 ) -> GenerationOutput:
     """The shared speculative decode loop (see module docstring)."""
     k = num_speculative_tokens
@@ -306,22 +342,38 @@ def speculative_loop(
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
     logits, caches = drafting.prefill(models, prompt, positions, cache_length)
     logits = last_prompt_logits(logits, lengths)
-    eos = jnp.broadcast_to(jnp.asarray(config.eos_token_id, jnp.int32), (batch,))
+    stop_ids = config.stop_ids(batch)  # [B, S]
     every_row = jnp.ones(batch, bool)
     processor_state = processors.init(prompt, lengths, logits.shape[-1], config)
+    width, top_k = max_new_tokens, num_top_logprobs
+    zeros = jnp.zeros(batch, jnp.int32)
 
     # The first new token comes straight from the target's prefill logits.
-    first = sample_tokens(jax.random.fold_in(key, 0), logits, config, processors, processor_state)
-    zeros = jnp.zeros(batch, jnp.int32)
+    first = sample_tokens(
+        jax.random.fold_in(key, 0), logits, config, processors, processor_state, None, logprobs_mode, top_k
+    )
+    no_drafts = jnp.zeros((batch, 0), jnp.int32)
+    empty = jnp.full((batch, width), pad_token_id, jnp.int32)
+    out = emit_accepted(
+        empty, zeros, first.token, zeros.astype(bool), no_drafts, zeros, first.token, stop_ids, pad_token_id,
+        stop_sequences,
+    )  # fmt: skip
     init = SpeculativeState(
         round=jnp.ones((), jnp.int32),
         caches=caches,
-        processor_state=processors.update(processor_state, first, every_row, config),
-        last=first,
+        processor_state=processors.update(processor_state, first.token, every_row, config),
+        last=first.token,
         position=lengths,
-        emitted=jnp.ones(batch, jnp.int32),
-        done=(first == eos) | (max_new_tokens == 1),
-        tokens=jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first),
+        emitted=out.count,
+        done=out.done,
+        tokens=out.tokens,
+        logprobs=write_rows(jnp.zeros((batch, width)), zeros, first.logprob[:, None], out.count),
+        top_ids=write_rows(
+            jnp.full((batch, width, top_k), pad_token_id, jnp.int32), zeros, first.top_ids[:, None], out.count
+        ),
+        top_logprobs=write_rows(
+            jnp.zeros((batch, width, top_k)), zeros, first.top_logprobs[:, None], out.count
+        ),
         num_drafted=zeros,
         num_accepted=zeros,
     )
@@ -348,8 +400,18 @@ def speculative_loop(
             row_keys(accept_key, config, batch), row_keys(resample_key, config, batch), p, q, drafts
         )
         out = emit_accepted(
-            s.tokens, s.emitted, s.last, s.done, drafts, num_accepted, next_token, eos, pad_token_id
+            s.tokens, s.emitted, s.last, s.done, drafts, num_accepted, next_token, stop_ids, pad_token_id,
+            stop_sequences,
+        )  # fmt: skip
+        # What the outputs record of the emitted tokens: drafts[:a] then next_token, from the
+        # target's processed p (or its raw logits) at their positions.
+        slot = jnp.arange(k + 1)[None]
+        new = jnp.where(slot < num_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])
+        new = jnp.clip(new, 0, logits.shape[-1] - 1).reshape(-1)
+        logprob, top_ids, top_logprobs = record(
+            logits.reshape(batch * (k + 1), -1), processed, new, logprobs_mode, top_k
         )
+        rows_of = functools.partial(jnp.reshape, shape=(batch, k + 1, -1))
         # Rows that go on wrote every accepted draft and next_token; the others are done.
         accepted_state = jax.tree.map(lambda x: x[rows, num_accepted], states)
         active = ~s.done
@@ -362,11 +424,12 @@ def speculative_loop(
             emitted=s.emitted + out.count,
             done=out.done,
             tokens=out.tokens,
+            logprobs=write_rows(s.logprobs, s.emitted, logprob.reshape(batch, k + 1), out.count),
+            top_ids=write_rows(s.top_ids, s.emitted, rows_of(top_ids), out.count),
+            top_logprobs=write_rows(s.top_logprobs, s.emitted, rows_of(top_logprobs), out.count),
             num_drafted=s.num_drafted + k * active,
             num_accepted=s.num_accepted + num_accepted * active,
         )
 
     final = jax.lax.while_loop(lambda s: ~jnp.all(s.done), one_round, init)
-    return GenerationOutput(
-        final.tokens, output_lengths(final.tokens, eos), final.num_drafted, final.num_accepted
-    )
+    return outputs(final, top_k, num_drafted=final.num_drafted, num_accepted=final.num_accepted)

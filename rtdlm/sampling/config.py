@@ -43,6 +43,7 @@ _FIELDS: dict[str, tuple[Any, Any]] = {
     "seed": (np.uint32, lambda v: None if 0 <= v < 2**32 else "must be in [0, 2**32)"),
     "min_new_tokens": (np.int32, lambda v: None if v >= 0 else "must be >= 0"),
     "eos_token_id": (np.int32, lambda v: None if v >= -1 else "must be a token id or -1 (none)"),
+    "min_tokens_to_keep": (np.int32, lambda v: None if v >= 1 else "must be >= 1"),
 }
 _MAX_TOKEN_ID = int(np.iinfo(np.int32).max)
 
@@ -253,8 +254,10 @@ class SamplingConfig:
     # {token: bias}; stored as (ids [N] | [B, N], biases), ids -1 = pad
     logit_bias: Any = struct.field(default=None, metadata={"row_ndim": 2})
     banned_token_ids: Any = struct.field(default=None, metadata={"row_ndim": 2})  # [N] | [B, N], -1 = pad
-    min_new_tokens: Any = 0  # EOS is masked until this many tokens were generated
-    eos_token_id: Any = -1  # -1: no EOS (used by min_new_tokens)
+    min_new_tokens: Any = 0  # every stop id is masked until this many tokens were generated
+    eos_token_id: Any = -1  # -1: no EOS; a row ends after it (as after any of stop_token_ids)
+    stop_token_ids: Any = struct.field(default=None, metadata={"row_ndim": 2})  # [S] | [B, S], -1 = pad
+    min_tokens_to_keep: Any = 1  # top-p, min-p and typical-p keep at least this many tokens
     num_top_tokens: int = struct.field(pytree_node=False, default=10)  # SamplingResult.top_*
     num_candidates: int = struct.field(pytree_node=False, default=128)  # fast-filter width
     # Static n-gram bans (Hugging Face's no_repeat_ngram_size / bad_words_ids); changing
@@ -281,16 +284,15 @@ class SamplingConfig:
             raise TypeError(
                 f"SamplingConfig.logit_bias must be a {{token_id: bias}} dict or a list of them, got {bias!r}"
             )
-        banned = self.banned_token_ids
-        if isinstance(banned, jax.Array) and not isinstance(banned, jax.core.Tracer):
-            if not jnp.issubdtype(banned.dtype, jnp.integer) or banned.ndim > 2:
-                raise TypeError(
-                    f"SamplingConfig.banned_token_ids must be [N] or [B, N] int ids, got {banned!r}"
-                )
-        elif isinstance(banned, (list, tuple, int, np.integer, np.ndarray)) and not isinstance(banned, bool):
-            object.__setattr__(self, "banned_token_ids", _ragged_ids("banned_token_ids", banned))
-        elif banned is not None and _is_concrete(banned):
-            raise TypeError(f"SamplingConfig.banned_token_ids must be token ids, got {banned!r}")
+        for name in ("banned_token_ids", "stop_token_ids"):
+            ids = getattr(self, name)
+            if isinstance(ids, jax.Array) and not isinstance(ids, jax.core.Tracer):
+                if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim > 2:
+                    raise TypeError(f"SamplingConfig.{name} must be [N] or [B, N] int ids, got {ids!r}")
+            elif isinstance(ids, (list, tuple, int, np.integer, np.ndarray)) and not isinstance(ids, bool):
+                object.__setattr__(self, name, _ragged_ids(name, ids))
+            elif ids is not None and _is_concrete(ids):
+                raise TypeError(f"SamplingConfig.{name} must be token ids, got {ids!r}")
         for name in ("num_top_tokens", "num_candidates"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -323,6 +325,16 @@ class SamplingConfig:
         """How many dimensions a field's per-row value has: 1 for `[B]` fields, 2 for the
         `[B, N]` token lists (declared on the field; a value with fewer is shared by all rows)."""
         return cls.__dataclass_fields__[name].metadata.get("row_ndim", 1)
+
+    def stop_ids(self, batch: int) -> jax.Array:
+        """[B, S] int32: every id that ends a row (`eos_token_id`, then `stop_token_ids`),
+        -1 = none."""
+        eos = jnp.broadcast_to(jnp.asarray(self.eos_token_id, jnp.int32), (batch,))[:, None]
+        if self.stop_token_ids is None:
+            return eos
+        stops = jnp.asarray(self.stop_token_ids, jnp.int32)
+        stops = jnp.broadcast_to(stops, (batch, stops.shape[-1]))
+        return jnp.concatenate([eos, stops], axis=1)
 
     def repeat_rows(self, repeats: int) -> SamplingConfig:
         """The config for a batch where each row is repeated `repeats` times in a row
@@ -362,7 +374,8 @@ class SamplingConfig:
         Missing keys take Hugging Face's defaults (notably `do_sample=False`, `top_k=50`),
         so a model's settings behave as they do in `transformers`. Keys that do not concern
         sampling (`max_length`, `pad_token_id`, ...) are ignored. A list of EOS ids (Llama 3
-        has three) keeps only the first one: the decoders stop at a single EOS id.
+        has three) becomes `eos_token_id` (the first) and `stop_token_ids` (all of them):
+        a row ends at any of them.
         """
         if not isinstance(source, Mapping):
             path = Path(source)
@@ -386,7 +399,9 @@ class SamplingConfig:
         }
         hf.update({k: v for k, v in source.items() if k in hf})
         eos = hf["eos_token_id"]
+        stops = None
         if isinstance(eos, (list, tuple)):
+            stops = list(eos) if len(eos) > 1 else None
             eos = eos[0] if eos else None
         return cls(
             temperature=hf["temperature"],
@@ -397,6 +412,7 @@ class SamplingConfig:
             repetition_penalty=hf["repetition_penalty"],
             do_sample=bool(hf["do_sample"]),
             eos_token_id=-1 if eos is None else eos,
+            stop_token_ids=stops,
             min_new_tokens=hf["min_new_tokens"] or 0,
             no_repeat_ngram_size=hf["no_repeat_ngram_size"] or 0,
             bad_words_ids=hf["bad_words_ids"] or (),

@@ -31,6 +31,7 @@ from rtdlm.sampling.vocab import LOCAL, Vocab
 _RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of the uint32 key, high first
 _PAIRWISE_MAX_WIDTH = 512  # rows up to this wide compare all pairs; wider: radix select
 _MIN_KEY = jnp.uint32(0)
+_MAX_KEY = jnp.uint32(0xFFFFFFFF)
 
 
 def order_key(x: jax.Array) -> jax.Array:
@@ -105,9 +106,13 @@ def _typical_key(z, center):
     return order_key(-jnp.abs(z - center[:, None]))
 
 
-def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, vocab=LOCAL):
+def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, min_keep, vocab=LOCAL):
     """Thresholds computed on `values` [B, N] (the whole row or its largest N logits;
     `vocab` says whether `values` is one shard of a vocabulary-sharded row).
+
+    `min_keep` [B] (Hugging Face's `min_tokens_to_keep`): top-p and min-p never cut below
+    the min_keep-th largest logit, typical-p keeps at least the min_keep tokens closest to
+    the entropy (ties kept, as everywhere).
 
     Returns the rule and, per row, whether the top-p crossing was reached inside `values`.
     `total_mass` [B] is the whole row's sum of exp(z - row_max) (top-p's normaliser when
@@ -132,7 +137,13 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, 
         lambda: jnp.zeros_like(t_k),
     )
     p_reached = ~use_p | (kept_mass_k >= target_p)
-    threshold = jnp.maximum(jnp.maximum(t_k, t_p), min_p_key)
+    use_m = min_keep > 1
+    t_m = lax.cond(  # the min_keep-th largest key: the most top-p and min-p may cut
+        jnp.any(use_m),
+        lambda: jnp.where(use_m, _largest_threshold(keys, jnp.ones_like(mass), min_keep, vocab), _MAX_KEY),
+        lambda: jnp.full_like(t_k, _MAX_KEY),
+    )
+    threshold = jnp.maximum(t_k, jnp.minimum(jnp.maximum(t_p, min_p_key), t_m))
 
     def typical():
         # Distance of -log q_i from the entropy H of the kept distribution q:
@@ -143,12 +154,14 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, 
         log_q = jnp.where(q > 0, values - row_max[:, None] - jnp.log(z_kept)[:, None], 0.0)
         entropy = -vocab.sum(q * log_q)
         center = row_max + jnp.log(z_kept) - entropy
-        t_typ = _largest_threshold(
-            jnp.where(kept_mass > 0, _typical_key(values, center), _MIN_KEY),
-            kept_mass,
-            typical_p * z_kept,
-            vocab,
+        typical_keys = jnp.where(kept_mass > 0, _typical_key(values, center), _MIN_KEY)
+        t_typ = _largest_threshold(typical_keys, kept_mass, typical_p * z_kept, vocab)
+        t_typ_m = lax.cond(
+            jnp.any(use_m),
+            lambda: _largest_threshold(typical_keys, (kept_mass > 0).astype(mass.dtype), min_keep, vocab),
+            lambda: jnp.full_like(t_typ, _MAX_KEY),
         )
+        t_typ = jnp.minimum(t_typ, jnp.where(use_m, t_typ_m, _MAX_KEY))
         return center, jnp.where(typical_p < 1.0, t_typ, _MIN_KEY)
 
     use_typical = typical_p < 1.0
@@ -167,10 +180,14 @@ def truncate(
     greedy: jax.Array,
     num_candidates: int = 128,
     vocab_axis: str | None = None,
+    min_tokens_to_keep: jax.Array | int = 1,
 ) -> jax.Array:
     """Applies top-k, top-p, min-p, typical-p (in that order) and greedy to `[B, V]` logits.
 
     Per-row parameters are `[B]` arrays (off: top_k 0, top_p 1, min_p 0, typical_p 1).
+    `min_tokens_to_keep` ([B] or scalar, Hugging Face's): top-k keeps at least that many,
+    top-p and min-p never cut below the min_tokens_to_keep-th largest logit, and typical-p
+    keeps at least the min_tokens_to_keep tokens closest to the entropy.
     Removed tokens become -inf. NaN logits count as -inf, +inf as the largest float; a row
     with no finite logit becomes all zeros (uniform; greedy picks token 0).
 
@@ -183,8 +200,9 @@ def truncate(
     shards = Vocab(vocab_axis)
     local_vocab = logits.shape[-1]
     vocab = shards.size(local_vocab)
-    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, vocab, shards)
-    top_k, top_p, min_p, typical_p = params
+    min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), top_k.shape)
+    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards)
+    top_k, top_p, min_p, typical_p, _ = params
     filtering = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0) | (typical_p < 1.0)  # [B]
 
     def filtered():
@@ -211,29 +229,31 @@ def truncate(
     return jnp.where(keep, z, -jnp.inf)
 
 
-def _prepare(logits, top_k, top_p, min_p, typical_p, vocab, shards):
+def _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards):
     """float32 logits with NaN -> -inf, +inf -> max float, empty rows -> 0; [B] row max;
     the parameters clamped to their documented ranges."""
     z = jnp.where(jnp.isnan(logits), -jnp.inf, logits.astype(jnp.float32))
     z = jnp.minimum(z, jnp.finfo(jnp.float32).max)
     z = jnp.where((shards.max(z) == -jnp.inf)[:, None], 0.0, z)  # empty rows
     row_max = shards.max(z)  # [B], finite
-    top_k = jnp.where((top_k > 0) & (top_k < vocab), top_k, 0).astype(jnp.int32)
+    min_keep = jnp.clip(min_keep, 1, vocab).astype(jnp.int32)
+    top_k = jnp.where(top_k > 0, jnp.maximum(top_k, min_keep), 0)  # Hugging Face's top-k rule
+    top_k = jnp.where(top_k < vocab, top_k, 0).astype(jnp.int32)
     top_p = jnp.clip(jnp.nan_to_num(top_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
     typical_p = jnp.clip(jnp.nan_to_num(typical_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
     min_p = jnp.clip(jnp.nan_to_num(min_p, nan=0.0), 0.0, 1.0)
-    return z, row_max, (top_k, top_p, min_p, typical_p)
+    return z, row_max, (top_k, top_p, min_p, typical_p, min_keep)
 
 
-def _rule_params(row_max, top_k, top_p, min_p, typical_p):
+def _rule_params(row_max, top_k, top_p, min_p, typical_p, min_keep):
     min_p_key = order_key(row_max + jnp.log(min_p))  # min-p relative to the top token
-    return top_k, top_p, min_p_key, typical_p
+    return top_k, top_p, min_p_key, typical_p, min_keep
 
 
 def _candidate_rule(z, row_max, total_mass, params, num_candidates, shards=LOCAL):
     """The rule computed on each row's `num_candidates` largest logits, and per row [B]
     whether it provably keeps exactly what the full-vocabulary rule keeps."""
-    top_k, top_p, _, typical_p = params
+    top_k, top_p, _, typical_p, min_keep = params
     vocab = shards.size(z.shape[-1])
     candidates = lax.top_k(z, min(num_candidates, z.shape[-1]))[0]  # [B, C], descending
     if shards.sharded:  # the row's top C are among the devices' top Cs
@@ -249,12 +269,12 @@ def _candidate_rule(z, row_max, total_mass, params, num_candidates, shards=LOCAL
     no_outside_ties = shards.sum((z >= last[:, None]).astype(jnp.float32)) == width
     last_key = order_key(last)
     # (1) The k-th largest value is a candidate's whenever k <= C, ties or not, so the top-k
-    # threshold is exact. (2) Top-p's crossing, if reached inside the candidates, is exact
-    # (above `last` the candidates hold the whole row; at `last` the full row has at least
-    # their mass) given the right normaliser: the top-k kept mass misses the ties with
+    # threshold is exact (and so is min_keep's). (2) Top-p's crossing, if reached inside the
+    # candidates, is exact (above `last` the candidates hold the whole row; at `last` the
+    # full row has at least their mass) given the right normaliser: the top-k kept mass misses the ties with
     # `last` outside the candidates only when top-k reaches down to `last`. (3) Typical-p's
     # entropy needs the whole kept set inside the candidates.
-    k_exact = top_k <= width
+    k_exact = (top_k <= width) & (min_keep <= width)
     normaliser_exact = (top_p >= 1.0) | (top_k == 0) | (top_k <= above_last) | no_outside_ties
     kept_inside = (rule.threshold > last_key) | ((rule.threshold == last_key) & no_outside_ties)
     typical_exact = (typical_p >= 1.0) | kept_inside
@@ -263,11 +283,12 @@ def _candidate_rule(z, row_max, total_mass, params, num_candidates, shards=LOCAL
     return rule, covered
 
 
-def _candidate_keep(logits, top_k, top_p, min_p, typical_p, num_candidates: int = 128):
+def _candidate_keep(logits, top_k, top_p, min_p, typical_p, num_candidates: int = 128, min_tokens_to_keep=1):
     """What the fast path alone would keep for `[B, V]` logits ([B, V] bool), and per row
     [B] whether that is provably the full-vocabulary rule's kept set (`truncate` takes the
     fast path iff every row is covered). Shows tests and benchmarks which path runs."""
-    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, logits.shape[-1], LOCAL)
+    min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), jnp.shape(top_k))
+    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, logits.shape[-1], LOCAL)
     total_mass = jnp.sum(jnp.exp(z - row_max[:, None]), axis=-1)
     rule, covered = _candidate_rule(z, row_max, total_mass, params, num_candidates)
     return rule.keep(z), covered

@@ -193,7 +193,13 @@ def _truncation(logits, config, **params):
     batch = logits.shape[0]
     defaults = dict(top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, greedy=False)
     args = {name: per_row(params.get(name, default), batch) for name, default in defaults.items()}
-    return truncate(logits, num_candidates=config.num_candidates, vocab_axis=config.vocab_axis, **args)
+    return truncate(
+        logits,
+        num_candidates=config.num_candidates,
+        vocab_axis=config.vocab_axis,
+        min_tokens_to_keep=per_row(config.min_tokens_to_keep, batch, jnp.int32),
+        **args,
+    )
 
 
 def apply_truncation(logits, config: SamplingConfig, state=()):
@@ -235,11 +241,10 @@ def _init_generated(prompt, prompt_lengths, vocab_size, config):
 
 
 def _mask_early_eos(logits, config: SamplingConfig, generated):
-    batch, vocab = logits.shape
+    batch = logits.shape[0]
     too_early = generated < per_row(config.min_new_tokens, batch)
-    eos = per_row(config.eos_token_id, batch, jnp.int32)
-    is_eos = Vocab(config.vocab_axis).token_ids(vocab)[None] == eos[:, None]  # eos -1 matches nothing
-    return jnp.where(is_eos & too_early[:, None], -jnp.inf, logits)
+    stops = jnp.where(too_early[:, None], config.stop_ids(batch), -1)  # [B, S], -1 masks nothing
+    return mask_token_ids(logits, config, stops)
 
 
 def _count_generated(generated, tokens, active, config):
@@ -247,7 +252,8 @@ def _count_generated(generated, tokens, active, config):
 
 
 mask_eos_before_min_new_tokens = LogitsProcessor(_init_generated, _mask_early_eos, _count_generated)
-"""Masks `config.eos_token_id` while fewer than `config.min_new_tokens` were generated."""
+"""Masks `config.eos_token_id` and every `config.stop_token_ids` while fewer than
+`config.min_new_tokens` tokens were generated (Hugging Face masks each EOS id)."""
 
 
 # ---- penalties: state = [B, V] int32 counts of each token seen, prompt included --------------
