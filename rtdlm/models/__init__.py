@@ -8,7 +8,7 @@
 re-exported here so that importing the model does not import optax/rich.
 """
 
-from rtdlm.models.data import BOS_ID, EOS_ID, VOCAB_SIZE, decode, encode
+from rtdlm.models.data import BOS_ID, EOS_ID, VOCAB_SIZE, byte_vocabulary, decode, encode
 from rtdlm.models.pretrained import PretrainedTokenizer, from_pretrained, load_tokenizer
 from rtdlm.models.transformer import (
     Cache,
@@ -33,6 +33,7 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "bundled_models",
+    "byte_vocabulary",
     "create_model",
     "decode",
     "encode",

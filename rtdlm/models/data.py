@@ -34,6 +34,11 @@ def encode(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
 
+def byte_vocabulary() -> list[bytes]:
+    """Each token id's bytes (id i is byte i), for `rtdlm.constraints`; EOS is `EOS_ID`."""
+    return [bytes([i]) for i in range(VOCAB_SIZE)]
+
+
 def decode(ids) -> str:
     """Inverse of `encode` for ids in 0..255 (others are skipped); bad UTF-8 -> U+FFFD."""
     ids = np.asarray(ids).reshape(-1)
