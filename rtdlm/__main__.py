@@ -4,6 +4,8 @@ examples:
   python -m rtdlm generate --prompt 'def fib(n):\n    ' --preset balanced --max-new-tokens 200
   python -m rtdlm generate --prompt 'import os\n' --speculative draft --num-speculative-tokens 4
   python -m rtdlm generate --prompt 'class Parser:\n' --speculative self --early-exit-layer 2
+  python -m rtdlm generate --prompt 'x = ' --regex '[0-9]{1,4}( [+*-] [0-9]{1,4})*'  # constrained
+  python -m rtdlm generate --prompt 'data = ' --json-schema schema.json --batch 4
   python -m rtdlm generate --model-dir path/to/checkpoint --prompt 'def fibonacci(n):'  # Hugging Face
   python -m rtdlm train --config configs/models/tiny.yaml      # seconds; writes runs/tiny/
   python -m rtdlm train --config configs/models/target.yaml    # about an hour on 2 CPU cores
@@ -132,10 +134,37 @@ def _check_checkpoint_args(parser: argparse.ArgumentParser, args) -> None:
             )
 
 
+def _check_constraint_args(parser: argparse.ArgumentParser, args) -> None:
+    """--regex / --json-schema: the bundled model only; the schema file is readable JSON."""
+    flag = "--regex" if args.regex is not None else "--json-schema"
+    if args.model_dir is not None:
+        parser.error(f"{flag} works with the bundled byte-level models, not with --model-dir")
+    if args.json_schema is not None:
+        try:
+            args.json_schema_text = Path(args.json_schema).read_text(encoding="utf-8")
+            json.loads(args.json_schema_text)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            parser.error(f"--json-schema {args.json_schema!r}: not a readable JSON file ({error})")
+
+
+def _constraint(args):
+    """The --regex / --json-schema processor over the byte vocabulary, or None."""
+    if args.regex is None and args.json_schema is None:
+        return None
+    from rtdlm import constraints
+    from rtdlm.models import EOS_ID, byte_vocabulary
+
+    if args.regex is not None:
+        return constraints.regex(args.regex, byte_vocabulary(), eos_token_id=EOS_ID)
+    return constraints.json_schema(args.json_schema_text, byte_vocabulary(), eos_token_id=EOS_ID)
+
+
 def _check_generate_args(parser: argparse.ArgumentParser, args) -> None:
     """Every check that needs no JAX; `parser.error` exits with one line."""
     if not args.prompt:
         parser.error("--prompt is empty: give the text the model should continue, e.g. --prompt 'def '")
+    if args.regex is not None or args.json_schema is not None:
+        _check_constraint_args(parser, args)
     if args.model_dir is not None:
         _check_checkpoint_args(parser, args)
         return
@@ -228,7 +257,13 @@ def _generate(args) -> int:
         draft_name = args.draft_model
     common = dict(key=jax.random.key(args.seed), config=config, max_new_tokens=args.max_new_tokens,
                   eos_token_id=eos)
-    if args.speculative == "none" and checkpoint:
+    constraint = _constraint(args)
+    if constraint is not None:  # constrained rows stop at EOS (allowed once the output matches)
+        from rtdlm.sampling import DEFAULT_PROCESSORS, chain
+
+        common.update(eos_token_id=EOS_ID, processors=chain(constraint, DEFAULT_PROCESSORS))
+        decode = lambda ids, decode_bytes=decode: decode_bytes(ids[ids != EOS_ID])
+    if args.speculative == "none" and (checkpoint or constraint is not None):
         run = lambda: generate(model, prompt, **common)  # decoded at the end: tokens are not bytes
         what = ""
     elif args.speculative == "none":
@@ -255,7 +290,7 @@ def _generate(args) -> int:
     jax.block_until_ready(run().tokens)  # compiles; the timed run below reuses the program
     compile_seconds = time.perf_counter() - start
     print(args.prompt, end="", flush=True)
-    streaming = args.speculative == "none" and not checkpoint
+    streaming = args.speculative == "none" and not checkpoint and constraint is None
     if streaming:
         stream.printing = True
     start = time.perf_counter()
@@ -420,6 +455,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     gen.add_argument("--stop-at-eos", action="store_true",
                      help="stop a row at the end-of-document byte (default: generate all tokens; "
                           "a --model-dir checkpoint always stops at its tokenizer's EOS)")
+    constrained = gen.add_mutually_exclusive_group()
+    constrained.add_argument("--regex", metavar="PATTERN",
+                             help="constrain each row to a full match of PATTERN (rtdlm.constraints; "
+                                  "the row stops at EOS once it matches)")
+    constrained.add_argument("--json-schema", metavar="FILE",
+                             help="constrain each row to a JSON document valid under the JSON schema in FILE")
     gen.add_argument("--model-dir", metavar="PATH",
                      help="a local Hugging Face Llama / Mistral / Qwen2 checkpoint directory (config.json, "
                           "*.safetensors, tokenizer.json) instead of --model; without --preset its "

@@ -26,6 +26,9 @@ BAD_INPUTS = [
     (["generate", "--top-p", "0"], "--top-p"),
     (["generate", "--temperature", "nan"], "--temperature"),
     (["generate", "--preset", "wild"], "--preset"),
+    (["generate", "--regex", "a", "--json-schema", "s.json"], "not allowed with"),
+    (["generate", "--json-schema", "no-such-schema.json"], "--json-schema"),
+    (["generate", "--regex", "a", "--model-dir", "somewhere"], "bundled"),
     (["train"], "--config"),
     (["train", "--config", "configs/models/missing.yaml"], "no such file"),
     (["train", "--config", "configs/models/tiny.yaml", "--steps", "0"], "--steps"),
@@ -126,6 +129,48 @@ def test_help_texts(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--export-bundled" in text and "runs/NAME" in text
+
+
+def _rows(out: str, prompt: str) -> list[str]:
+    """Each row's continuation from a `generate --batch N` printout."""
+    first, rest = out.split("\n[", 1)
+    rows = [first.rstrip("\n")]
+    for block in rest.split("\n--- row ")[1:]:
+        rows.append(block.split("---\n", 1)[1].rstrip("\n"))
+    return [row[len(prompt) :] for row in rows]
+
+
+def test_generate_with_a_regex(capsys):
+    import re
+
+    pattern = r"[1-9][0-9]{0,3}( [+*-] [1-9][0-9]{0,3}){1,2}"
+    argv = ["generate", "--prompt", "x = ", "--regex", pattern, "--batch", "3", "--max-new-tokens", "24"]
+    assert main(argv) == 0
+    rows = _rows(capsys.readouterr().out, "x = ")
+    assert len(rows) == 3 and all(re.fullmatch(pattern, row) for row in rows), rows
+
+
+@pytest.mark.slow
+def test_generate_with_a_json_schema(tmp_path, capsys):
+    schema = {"type": "object", "properties": {"kind": {"enum": ["class", "def"]}, "n": {"type": "integer"}},
+              "required": ["kind", "n"]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    argv = ["generate", "--prompt", "v = ", "--json-schema", str(path), "--batch", "2",
+            "--max-new-tokens", "48"]
+    assert main(argv) == 0
+    rows = _rows(capsys.readouterr().out, "v = ")
+    for row in rows:
+        doc = json.loads(row)
+        assert doc["kind"] in ("class", "def") and isinstance(doc["n"], int), row
+
+
+def test_bad_regex_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--regex", "(ab", "--max-new-tokens", "4"])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1 and "regex" in error
 
 
 @pytest.mark.parametrize(
