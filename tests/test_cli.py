@@ -165,6 +165,16 @@ def test_generate_with_a_json_schema(tmp_path, capsys):
         assert doc["kind"] in ("class", "def") and isinstance(doc["n"], int), row
 
 
+def test_generate_with_stop_text_and_logprobs(capsys):
+    argv = ["generate", "--prompt", "def add(a, b):\\n    return", "--preset", "deterministic",
+            "--max-new-tokens", "60", "--stop", "\n", "--logprobs"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    text = out.split("\n[", 1)[0]
+    assert text.count("\n") == 2  # the prompt's newline, then the stop (printed)
+    assert "token logprobs (row 0):" in out and "mean logprob per row: 0.0000" in out  # greedy: 0
+
+
 def test_bad_regex_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["generate", "--regex", "(ab", "--max-new-tokens", "4"])
@@ -308,3 +318,14 @@ def test_bad_checkpoint_directories_are_one_line_and_exit_code_2(hf_checkpoint, 
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
     assert expected in captured.err and "python -m rtdlm generate --help" in captured.err
+
+
+def test_generate_with_beam_search(capsys):
+    """--num-beams K prints the best beam, then each row's K beams with scores, best first."""
+    assert main(["generate", "--prompt", "def fib(n):", "--max-new-tokens", "8", "--num-beams", "3",
+                 "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def fib(n):") and "[beam search, 3 beams, 2 rows:" in out
+    scores = [float(line.rsplit(" ", 2)[1]) for line in out.splitlines() if line.startswith("--- row 0 beam")]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert "--- row 1 beam 2 score" in out
