@@ -165,16 +165,6 @@ def test_generate_with_a_json_schema(tmp_path, capsys):
         assert doc["kind"] in ("class", "def") and isinstance(doc["n"], int), row
 
 
-def test_generate_with_stop_text_and_logprobs(capsys):
-    argv = ["generate", "--prompt", "def add(a, b):\\n    return", "--preset", "deterministic",
-            "--max-new-tokens", "60", "--stop", "\n", "--logprobs"]  # fmt: skip
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    text = out.split("\n[", 1)[0]
-    assert text.count("\n") == 2  # the prompt's newline, then the stop (printed)
-    assert "token logprobs (row 0):" in out and "mean logprob per row: 0.0000" in out  # greedy: 0
-
-
 def test_bad_regex_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["generate", "--regex", "(ab", "--max-new-tokens", "4"])
