@@ -234,6 +234,21 @@ class _Stream:
         print(self.decoder.decode(b"", final=True))
 
 
+def _print_logprobs(out, decode) -> None:
+    """Row 0's tokens with their logprobs (the distribution each was drawn from), then each
+    row's mean."""
+    import numpy as np
+
+    length = int(out.lengths[0])
+    tokens, logprobs = np.asarray(out.tokens[0, :length]), np.asarray(out.logprobs[0, :length])
+    print("token logprobs (row 0):")
+    for token, logprob in zip(tokens, logprobs, strict=True):
+        print(f"  {int(token):>6} {decode(np.array([token]))!r:<12} {logprob:9.4f}")
+    lengths = np.maximum(np.asarray(out.lengths), 1)
+    means = np.asarray(out.logprobs).sum(axis=1) / lengths
+    print("mean logprob per row: " + ", ".join(f"{m:.4f}" for m in means))
+
+
 def _beam_generate(args, model, prompt, config, eos, decode) -> int:
     """--num-beams K: beam search; prints each row's best beam, then all beams with scores."""
     import jax
@@ -286,13 +301,18 @@ def _generate(args) -> int:
                   eos_token_id=eos)
     if args.num_beams > 1:
         return _beam_generate(args, model, prompt, config, eos, decode)
+    if args.stop:  # stop texts as token ids (a checkpoint's without its BOS)
+        encode_text = (lambda t: tokenizer.encode(t, add_special_tokens=False)) if checkpoint else encode
+        common["stop_sequences"] = [list(map(int, encode_text(text))) for text in args.stop]
     constraint = _constraint(args)
     if constraint is not None:  # constrained rows stop at EOS (allowed once the output matches)
         from rtdlm.sampling import DEFAULT_PROCESSORS, chain
 
         common.update(eos_token_id=EOS_ID, processors=chain(constraint, DEFAULT_PROCESSORS))
         decode = lambda ids, decode_bytes=decode: decode_bytes(ids[ids != EOS_ID])
-    if args.speculative == "none" and (checkpoint or constraint is not None):
+    # checkpoint tokens are not bytes; constraints, stops and logprobs are shown at the end
+    decode_at_end = checkpoint or constraint is not None or bool(args.stop) or args.logprobs
+    if args.speculative == "none" and decode_at_end:
         run = lambda: generate(model, prompt, **common)  # decoded at the end: tokens are not bytes
         what = ""
     elif args.speculative == "none":
@@ -319,7 +339,7 @@ def _generate(args) -> int:
     jax.block_until_ready(run().tokens)  # compiles; the timed run below reuses the program
     compile_seconds = time.perf_counter() - start
     print(args.prompt, end="", flush=True)
-    streaming = args.speculative == "none" and not checkpoint and constraint is None
+    streaming = args.speculative == "none" and not decode_at_end
     if streaming:
         stream.printing = True
     start = time.perf_counter()
@@ -340,6 +360,8 @@ def _generate(args) -> int:
         accepted = np.asarray(out.num_accepted).sum() / max(1, np.asarray(out.num_drafted).sum())
         summary += f"; drafts accepted {accepted:.0%} ({what})"
     print(f"\n[{summary}]")
+    if args.logprobs:
+        _print_logprobs(out, decode)
     for row in range(1, args.batch):
         text = decode(np.asarray(out.tokens[row, : int(out.lengths[row])]))
         print(f"--- row {row} ---\n{args.prompt}{text}")
@@ -484,6 +506,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     gen.add_argument("--num-beams", type=_positive_int, default=1,
                      help="beam search with this many beams (Hugging Face semantics; sampling options are "
                           "ignored); prints the best beam, then every beam with its score (default: 1, off)")
+    gen.add_argument("--stop", action="append", metavar="TEXT",
+                     help="end a row once it generates TEXT (repeatable; the stop is printed)")
+    gen.add_argument("--logprobs", action="store_true",
+                     help="print each token of row 0 with its log-probability, and each row's mean")
     gen.add_argument("--stop-at-eos", action="store_true",
                      help="stop a row at the end-of-document byte (default: generate all tokens; "
                           "a --model-dir checkpoint always stops at its tokenizer's EOS)")

@@ -165,6 +165,17 @@ def test_generate_with_a_json_schema(tmp_path, capsys):
         assert doc["kind"] in ("class", "def") and isinstance(doc["n"], int), row
 
 
+def test_generate_with_stop_text_and_logprobs(capsys):
+    argv = ["generate", "--prompt", "def add(a, b):\\n    return", "--preset", "deterministic",
+            "--max-new-tokens", "60", "--stop", "\n", "--logprobs"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    generated = out.split("\n[", 1)[0].split("return", 1)[1]
+    assert generated.endswith("\n") and "\n" not in generated.rstrip("\n")  # ends at the stop
+    assert len(generated) < 58
+    assert "token logprobs (row 0):" in out and "mean logprob per row: 0.0000" in out  # greedy: 0
+
+
 def test_bad_regex_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["generate", "--regex", "(ab", "--max-new-tokens", "4"])
