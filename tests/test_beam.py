@@ -54,8 +54,9 @@ def test_exhaustive_beams_are_the_exact_top_hypotheses(
 ):
     """V = 3, N = 3, k = 27 = V**N: the beams are every hypothesis, sorted by score (exact ties
     may come in either order), each with its own score; with an EOS there are fewer hypotheses
-    than beams, and the remaining slots score below -1e8 (Hugging Face's -1e9 placeholders). Two prompts in one batch; the cache (batch-
-    first) goes through the default reorder_cache, the penalty's state follows the beams."""
+    than beams, and the remaining slots score below -1e8 (Hugging Face's -1e9 placeholders).
+    Two prompts in one batch; the cache (batch-first) goes through the default reorder_cache,
+    the penalty's state follows the beams."""
     vocab, steps = 3, 3
     model = random_markov_model(vocab, seed=1)
     prompts = np.array([[0], [2]], np.int32)
@@ -312,3 +313,21 @@ def test_equals_transformers_with_processors(llama):
     )
     hf_kwargs = dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=bad, min_new_tokens=3)
     _check_equal(hf, model, prompts, lengths, 3, eos, config=config, hf_kwargs=hf_kwargs, length_penalty=1.0)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run(repo_root, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "beam.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/beam_search.py", "--quick", "--out", str(out)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["result"]["beam_vs_generate"]["ratio"] > 0
