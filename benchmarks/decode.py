@@ -169,6 +169,43 @@ def bench_processor_state(model, batch, max_new_tokens, repeats, window=64):
     return row
 
 
+def bench_output_cost(model, batch, max_new_tokens, repeats):
+    """`generate` as it is (processed logprobs are always recorded) vs with k=5 top logprobs,
+    raw logprobs, and 4 stop sequences of 4 tokens per row (never matched: full-length rows,
+    so every variant does the same work), interleaved in one run."""
+    config = create_sampling_config_balanced()
+    prompt = jnp.asarray(np.tile(encode(PROMPT)[None], (batch, 1)))
+    stops = [[250, 251, 252, 253 - i] for i in range(4)]  # bytes the model never emits
+
+    def program(**kwargs):
+        run = functools.partial(
+            generate,
+            model,
+            prompt,
+            key=jax.random.key(1),
+            config=config,
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
+        return lambda: run().tokens
+
+    programs = {
+        "default": program(),
+        "top_5_logprobs": program(num_top_logprobs=5),
+        "raw_logprobs": program(logprobs_mode="raw"),
+        "4_stop_sequences": program(stop_sequences=stops),
+    }
+    seconds = time_interleaved(programs, repeats=repeats)
+    row = {name: summarize(values, max_new_tokens) for name, values in seconds.items()}
+    row.update(batch=batch, new_tokens=max_new_tokens)
+    for name in list(programs)[1:]:
+        row[f"{name}_step_time_ratio"] = extra = ratio(seconds[name], seconds["default"])
+        print(
+            f"B={batch}: {name}: step time x{extra['ratio']:.3f} (fastest calls x{extra['ratio_of_min']:.3f})"
+        )
+    return row
+
+
 def synthetic_model(model_config, vocab, logit_std):
     """A random-weight model of the given size whose logits have standard deviation `logit_std`.
 
@@ -272,10 +309,12 @@ def main(argv=None):
         tiny = dict(d_model=32, num_layers=1, num_heads=2, mlp_dim=64, attention_window=None)
         overhead = {"lm_like_logits": bench_sampling_overhead(2, 1000, 8, 2, tiny, logit_std=3.0)}
         state = bench_processor_state(model, 2, max_new_tokens=8, repeats=2)
+        outputs = bench_output_cost(model, 2, max_new_tokens=8, repeats=2)
     else:
         start = time.perf_counter()
         gen = bench_generate(load_model("target"), [1, 16], max_new_tokens=128, repeats=args.repeats)
         state = bench_processor_state(load_model("target"), 16, max_new_tokens=128, repeats=args.repeats)
+        outputs = bench_output_cost(load_model("target"), 16, max_new_tokens=128, repeats=args.repeats)
         overhead = {
             name: bench_sampling_overhead(8, 32000, 32, args.repeats, synthetic, logit_std=std)
             for name, std in (("lm_like_logits", 3.0), ("uniform_logits_worst_case", 0.0))
@@ -290,6 +329,7 @@ def main(argv=None):
             "generate_vs_python_loop": gen,
             "sampling_overhead": overhead,
             "processor_state_overhead": state,
+            "output_cost": outputs,
         },
     )
     print(f"wrote {out}")

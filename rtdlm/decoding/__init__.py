@@ -5,6 +5,7 @@ from rtdlm.decoding.common import GenerationOutput, emit_accepted
 from rtdlm.decoding.loop import generate
 from rtdlm.decoding.model import LinenModel, Model, SharesLayers, reorder_cache
 from rtdlm.decoding.prompt_lookup import PromptLookup, prompt_lookup_generate
+from rtdlm.decoding.score import score
 from rtdlm.decoding.self_speculative import self_speculative_generate
 from rtdlm.decoding.speculative import (
     Drafting,
@@ -33,6 +34,7 @@ __all__ = [
     "generate",
     "prompt_lookup_generate",
     "reorder_cache",
+    "score",
     "self_speculative_generate",
     "speculative_generate",
     "verify_drafts",

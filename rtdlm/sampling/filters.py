@@ -154,11 +154,14 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, 
         log_q = jnp.where(q > 0, values - row_max[:, None] - jnp.log(z_kept)[:, None], 0.0)
         entropy = -vocab.sum(q * log_q)
         center = row_max + jnp.log(z_kept) - entropy
-        typical_keys = jnp.where(kept_mass > 0, _typical_key(values, center), _MIN_KEY)
+        # Tokens kept by value whose mass underflows still have a distance (HF's log-softmax
+        # is finite): they count for min_keep, and weigh nothing for the mass.
+        kept = keys >= threshold[:, None]
+        typical_keys = jnp.where(kept, _typical_key(values, center), _MIN_KEY)
         t_typ = _largest_threshold(typical_keys, kept_mass, typical_p * z_kept, vocab)
         t_typ_m = lax.cond(
             jnp.any(use_m),
-            lambda: _largest_threshold(typical_keys, (kept_mass > 0).astype(mass.dtype), min_keep, vocab),
+            lambda: _largest_threshold(typical_keys, kept.astype(mass.dtype), min_keep, vocab),
             lambda: jnp.full_like(t_typ, _MAX_KEY),
         )
         t_typ = jnp.minimum(t_typ, jnp.where(use_m, t_typ_m, _MAX_KEY))
