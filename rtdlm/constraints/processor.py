@@ -207,7 +207,8 @@ def regex(
 
     >>> from rtdlm.models import byte_vocabulary, EOS_ID
     >>> digits = regex(r"[0-9]{3}", byte_vocabulary(), eos_token_id=EOS_ID)
-    >>> digits.init(jnp.zeros((2, 1), jnp.int32), jnp.ones(2, jnp.int32), 256, None).shape
+    >>> from rtdlm.sampling import SamplingConfig
+    >>> digits.init(jnp.zeros((2, 1), jnp.int32), jnp.ones(2, jnp.int32), 256, SamplingConfig()).shape
     (2,)
     """
     vocabulary = _automaton.check_vocabulary(vocabulary)
