@@ -356,7 +356,7 @@ def test_from_generation_config_validates():
 
 
 # ---- PyTree ----------------------------------------------------------------------------------
-NUMERIC_LEAVES = 11  # every numeric field except seed (None) and logit_bias/banned (None)
+NUMERIC_LEAVES = 12  # every numeric field except seed (None) and the token lists (None)
 
 
 def test_config_is_a_pytree_of_numeric_leaves():
