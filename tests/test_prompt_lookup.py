@@ -104,8 +104,15 @@ CONFIGS = {
 
 def lossless_run(target, name, k, ngram_size=3):
     prompt = jnp.asarray(np.tile(PROMPT, (BIG_ROWS, 1)))
-    out = prompt_lookup_generate(target, prompt, key=jax.random.key(200 + k), config=CONFIGS[name],
-                                 max_new_tokens=3, num_speculative_tokens=k, ngram_size=ngram_size)
+    out = prompt_lookup_generate(
+        target,
+        prompt,
+        key=jax.random.key(200 + k),
+        config=CONFIGS[name],
+        max_new_tokens=3,
+        num_speculative_tokens=k,
+        ngram_size=ngram_size,
+    )
     return out, markov_joint(target.table, PROMPT, 3, CONFIGS[name])
 
 
@@ -125,8 +132,10 @@ def test_lossless_joint_of_first_three_tokens(target, name, k):
     pvalue = chisquare_pvalue(tokens, joint)
     drafted, accepted = np.asarray(out.num_drafted), np.asarray(out.num_accepted)
     rate = accepted.sum() / drafted.sum()
-    print(f"prompt lookup {name} K={k}: chi-square p = {pvalue:.4g}, acceptance {rate:.3f}, "
-          f"rows accepting {np.mean(accepted > 0):.3f}")
+    print(
+        f"prompt lookup {name} K={k}: chi-square p = {pvalue:.4g}, acceptance {rate:.3f}, "
+        f"rows accepting {np.mean(accepted > 0):.3f}"
+    )
     assert pvalue > P_MIN, pvalue
     assert np.all((drafted == k) | (drafted == 2 * k))  # the prefill's token, then 1 or 2 rounds
     # Some rows accepted a draft, most accepted none (a miss or a rejection).
@@ -161,15 +170,29 @@ def small_batch():
 
 def run_small(model, k, config, key=0, max_new_tokens=SMALL_NEW_TOKENS, **kwargs):
     _, prompt, lengths = small_batch()
-    return prompt_lookup_generate(model, prompt, key=jax.random.key(key), config=config,
-                                  max_new_tokens=max_new_tokens, num_speculative_tokens=k,
-                                  prompt_lengths=lengths, **kwargs)
+    return prompt_lookup_generate(
+        model,
+        prompt,
+        key=jax.random.key(key),
+        config=config,
+        max_new_tokens=max_new_tokens,
+        num_speculative_tokens=k,
+        prompt_lengths=lengths,
+        **kwargs,
+    )
 
 
 def run_generate(model, config, max_new_tokens=SMALL_NEW_TOKENS, **kwargs):
     _, prompt, lengths = small_batch()
-    return generate(model, prompt, key=jax.random.key(0), config=config, max_new_tokens=max_new_tokens,
-                    prompt_lengths=lengths, **kwargs)
+    return generate(
+        model,
+        prompt,
+        key=jax.random.key(0),
+        config=config,
+        max_new_tokens=max_new_tokens,
+        prompt_lengths=lengths,
+        **kwargs,
+    )
 
 
 def check_counts(out, k, max_new_tokens):
@@ -314,8 +337,12 @@ def test_greedy_identical_to_generate_bundled_model():
     prompt = np.zeros((len(texts), max(len(e) for e in encoded)), np.int32)
     for b, e in enumerate(encoded):
         prompt[b, : len(e)] = e
-    common = dict(key=jax.random.key(0), config=SamplingConfig(temperature=0.0), max_new_tokens=48,
-                  prompt_lengths=jnp.asarray([len(e) for e in encoded], jnp.int32))
+    common = dict(
+        key=jax.random.key(0),
+        config=SamplingConfig(temperature=0.0),
+        max_new_tokens=48,
+        prompt_lengths=jnp.asarray([len(e) for e in encoded], jnp.int32),
+    )
     out = prompt_lookup_generate(model, jnp.asarray(prompt), num_speculative_tokens=4, **common)
     reference = generate(model, jnp.asarray(prompt), **common)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))
