@@ -22,6 +22,11 @@ Programs are compiled before timing and timed interleaved in one process.
   python benchmarks/speculative.py            # bundled target + 1-layer draft model
   python benchmarks/speculative.py --self     # early exit of the bundled target as draft
   python benchmarks/speculative.py --memory-bound 1e9   # GPU: a memory-bound target
+  python benchmarks/speculative.py --lookup   # prompt lookup (n-gram drafts, no draft model)
+
+--lookup compares `prompt_lookup_generate` with `generate` on copy-heavy prompts (a function
+then the same function renamed, a file past a repeated block) and on ordinary ones, and
+times the n-gram search alone against a target step (c, its cost per round).
 
 --memory-bound P widens the bundled target's MLPs with zero weights (`widen_mlp`) until it
 has at least P parameters: its logits, and so alpha, stay the trained target's (to float
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import sys
 import time
@@ -46,11 +52,18 @@ from benchmarks._timing import (  # noqa: E402
     add_output_arguments,
     environment,
     output_path,
+    scan_program,
     summarize,
     time_interleaved,
     write_json,
 )
-from rtdlm.decoding import generate, self_speculative_generate, speculative_generate  # noqa: E402
+from rtdlm.decoding import (  # noqa: E402
+    generate,
+    prompt_lookup_generate,
+    self_speculative_generate,
+    speculative_generate,
+)
+from rtdlm.decoding.prompt_lookup import lookup_drafts  # noqa: E402
 from rtdlm.decoding.self_speculative import EarlyExit  # noqa: E402
 from rtdlm.decoding.speculative import DraftModel  # noqa: E402
 from rtdlm.models import create_model, encode, load_model, param_count, widen_mlp  # noqa: E402
@@ -62,6 +75,24 @@ PROMPTS = [
     "    for key, value in sorted(items):\n",
     "def fib(n):\n    ",
 ]
+_FUNCTION = (
+    "def parse_header(line):\n"
+    '    """Split a \'key: value\' header line into a (key, value) pair."""\n'
+    '    key, _, value = line.partition(":")\n'
+    "    key = key.strip().lower()\n"
+    "    value = value.strip()\n"
+    "    if not key:\n"
+    '        raise ValueError("empty header name: %r" % line)\n'
+    "    return key, value\n\n\n"
+)
+_BLOCK = "for name in sorted(names):\n    path = os.path.join(root, name)\n    if os.path.isdir(path):\n"
+COPY_PROMPTS = [  # the output can copy long spans of its prompt
+    _FUNCTION + "# The same function, renamed:\n\ndef split_header(line):\n",
+    _FUNCTION + _FUNCTION.replace("parse_header", "read_header")[:90],
+    "import os\n\n" + _BLOCK + "        walk(path)\n\n" + _BLOCK,
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n\n"
+    "class Vector:\n    def __init__(self, x, y):\n",
+]
 MODES = {"greedy": SamplingConfig(temperature=0.0), "t0.7": SamplingConfig(temperature=0.7)}
 
 
@@ -72,8 +103,8 @@ def memory_bound_target(target, min_params: float):
     return widen_mlp(target, target.config.mlp_dim + extra)
 
 
-def prompt_batch(batch: int):
-    encoded = [encode(PROMPTS[b % len(PROMPTS)]) for b in range(batch)]
+def prompt_batch(batch: int, prompts=PROMPTS):
+    encoded = [encode(prompts[b % len(prompts)]) for b in range(batch)]
     width = max(len(e) for e in encoded)
     tokens = np.zeros((batch, width), np.int32)
     for b, e in enumerate(encoded):
@@ -251,6 +282,81 @@ def self_rows(model, modes, exits, ks, new_tokens, repeats, on_group=lambda rows
     return rows
 
 
+def search_cost(target, batch, width, ngram_size, k, repeats, steps=32):
+    """One n-gram search over a [batch, width] context / one 1-token target step."""
+    context = jnp.asarray(np.random.default_rng(0).integers(0, 16, (batch, width)), jnp.int32)
+    length = jnp.full((batch,), width - 1, jnp.int32)
+
+    def search(t, context, length):  # the context depends on t: no hoisting
+        return lookup_drafts((context + t) % 16, length, ngram_size, k)[0]
+
+    def step(t, model, cache):
+        tokens = jnp.full((batch, 1), t % 256, jnp.int32)
+        return jnp.argmax(model(tokens, tokens * 0 + 16, cache)[0][:, -1], axis=-1)
+
+    cache = target.init_cache(batch, width)
+    programs = {
+        "search": functools.partial(scan_program(search, steps, context, length), context, length),
+        "step": functools.partial(scan_program(step, steps, target, cache), target, cache),
+    }
+    seconds = time_interleaved(programs, repeats)
+    return float(np.median(seconds["search"])) / float(np.median(seconds["step"]))
+
+
+def lookup_rows(target, modes, ks, batches, new_tokens, repeats, ngram_size=3, on_group=lambda rows: None):
+    """Prompt lookup vs generate per prompt set (copy-heavy, ordinary), mode, batch and K."""
+    rows = []
+    prompt_sets = {"copy": COPY_PROMPTS, "ordinary": PROMPTS}
+    for prompts_name, mode, batch in itertools.product(prompt_sets, modes, batches):
+        prompt, lengths = prompt_batch(batch, prompt_sets[prompts_name])
+        common = dict(
+            key=jax.random.key(0), config=MODES[mode], max_new_tokens=new_tokens, prompt_lengths=lengths
+        )
+        print(f"prompt lookup, {prompts_name} prompts, {mode}, B={batch}", flush=True)
+        programs = {"generate": functools.partial(generate, target, prompt, **common)}
+        for k in ks:
+            programs[f"K={k}"] = functools.partial(
+                prompt_lookup_generate,
+                target,
+                prompt,
+                num_speculative_tokens=k,
+                ngram_size=ngram_size,
+                **common,
+            )
+        outputs = {name: program() for name, program in programs.items()}  # compiles
+        seconds = time_interleaved({n: (lambda p=p: p().tokens) for n, p in programs.items()}, repeats)
+        plain = float(np.median(seconds["generate"]))
+        for k in ks:
+            out = outputs[f"K={k}"]
+            drafted, accepted = int(np.sum(out.num_drafted)), int(np.sum(out.num_accepted))
+            same = bool(np.array_equal(out.tokens, outputs["generate"].tokens))
+            spec = float(np.median(seconds[f"K={k}"]))
+            row = {
+                "prompts": prompts_name,
+                "mode": mode,
+                "batch": batch,
+                "K": k,
+                "ngram_size": ngram_size,
+                "acceptance_fraction": accepted / max(drafted, 1),
+                "tokens_per_round": 1 + accepted / max(drafted, 1) * k,
+                "speedup": plain / spec,
+                "tokens_per_s": batch * new_tokens / spec,
+                "generate_tokens_per_s": batch * new_tokens / plain,
+                "same_tokens_as_generate": same,
+                "timing": summarize(seconds[f"K={k}"], new_tokens),
+                "generate_timing": summarize(seconds["generate"], new_tokens),
+            }
+            rows.append(row)
+            print(
+                f"  K={k}: accepted {row['acceptance_fraction']:.0%}, "
+                f"{row['tokens_per_round']:.2f} tokens/round, speedup {row['speedup']:.2f}x"
+                f"{'' if same or mode != 'greedy' else ' (TOKENS DIFFER)'}",
+                flush=True,
+            )
+        on_group(rows)
+    return rows
+
+
 def sharing_rows(model, exit_layer, k, new_tokens, repeats):
     """What reusing the draft's layers saves: shared-cache verify vs full recompute."""
     prompt, lengths = prompt_batch(1)
@@ -334,6 +440,8 @@ def main(argv=None):
     parser.add_argument(
         "--self", dest="self_spec", action="store_true", help="early-exit self-speculative mode"
     )
+    parser.add_argument("--lookup", action="store_true", help="prompt lookup (n-gram drafts) vs generate")
+    parser.add_argument("--ngram-size", type=int, default=3, help="--lookup: longest n-gram matched")
     parser.add_argument("--quick", action="store_true", help="tiny random models, for a smoke test")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=[1, 16])
@@ -353,7 +461,7 @@ def main(argv=None):
     parser.add_argument(
         "--ks",
         type=lambda t: [int(x) for x in t.split(",")],
-        help="draft lengths K to run (default 1..8, 1..6 with --self)",
+        help="draft lengths K to run (default 1..8, 1..6 with --self, 2,4,8 with --lookup)",
     )
     parser.add_argument(
         "--memory-bound",
@@ -377,13 +485,13 @@ def main(argv=None):
         ks, batches, exits, new_tokens, repeats = args.ks or [1, 2], [1, 2], [1], 8, 1
     else:
         target, draft = load_model("target"), load_model("draft")
-        ks = args.ks or list(range(1, 7 if args.self_spec else 9))
+        ks = args.ks or ([2, 4, 8] if args.lookup else list(range(1, 7 if args.self_spec else 9)))
         batches, new_tokens, repeats = args.batches, args.new_tokens, args.repeats
         exits = [e for e in args.exit_layers if 1 <= e < target.num_layers]
     trained_params = param_count(target)
     if args.memory_bound:
         target = memory_bound_target(target, args.memory_bound)
-    name = ("self-speculative" if args.self_spec else "speculative") + (
+    name = ("self-speculative" if args.self_spec else "prompt-lookup" if args.lookup else "speculative") + (
         "-memory-bound" if args.memory_bound else ""
     )
     suffix = f"{name}-{env['device_slug']}{'-quick' if args.quick else ''}"
@@ -392,7 +500,14 @@ def main(argv=None):
     def save_partial(rows):  # a run cut short (e.g. by a device time limit) keeps its rows
         write_json(out, {"environment": env, "rows": rows, "partial": True})
 
-    if args.self_spec:
+    if args.lookup:
+        modes = args.modes if args.modes != list(MODES) else ["greedy"]
+        rows = lookup_rows(target, modes, ks, batches, new_tokens, repeats, args.ngram_size, save_partial)
+        width = max(prompt_batch(1, p)[0].shape[1] for p in (COPY_PROMPTS, PROMPTS)) + new_tokens
+        cost = {b: search_cost(target, b, width, args.ngram_size, max(ks), repeats) for b in batches}
+        payload = {"environment": env, "rows": rows, "search_cost_per_round_vs_target_step": cost}
+        print(f"n-gram search / target step: {cost}")
+    elif args.self_spec:
         rows = self_rows(target, args.modes, exits, ks, new_tokens, repeats, save_partial)
         best = best_row(rows, self_spec=True)
         sharing = sharing_rows(target, best["exit_layer"], best["K"], new_tokens, repeats)
@@ -424,12 +539,34 @@ def plot_result(payload, path: Path):
     """Speedup vs K: per exit layer for the first mode's rows (self-speculative), else per
     mode and batch size."""
     rows, device = payload["rows"], payload["environment"]["device_slug"]
-    if "layer_sharing" in payload:
+    if "search_cost_per_round_vs_target_step" in payload:
+        plot_lookup(rows, path, f"prompt lookup (n-gram drafts) - {device}")
+    elif "layer_sharing" in payload:
         mode = rows[0]["mode"]
         title = f"self-speculative (early exit), B=1, {mode} - {device}"
         plot([r for r in rows if r["mode"] == mode], path, title, ["exit_layer"])
     else:
         plot(rows, path, f"speculative decoding, bundled draft - {device}", ["mode", "batch"])
+
+
+def plot_lookup(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group in sorted({(r["prompts"], r["mode"], r["batch"]) for r in rows}):
+        sel = [r for r in rows if (r["prompts"], r["mode"], r["batch"]) == group]
+        label = "{} prompts, {}, B={}".format(*group)
+        ax.plot([r["K"] for r in sel], [r["speedup"] for r in sel], "o-", label=label)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("K (draft tokens per round)")
+    ax.set_ylabel("tokens/s over generate")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def recompute(path: Path):

@@ -4,6 +4,7 @@ examples:
   python -m rtdlm generate --prompt 'def fib(n):\n    ' --preset balanced --max-new-tokens 200
   python -m rtdlm generate --prompt 'import os\n' --speculative draft --num-speculative-tokens 4
   python -m rtdlm generate --prompt 'class Parser:\n' --speculative self --early-exit-layer 2
+  python -m rtdlm generate --prompt 'a = 1\nb = 2\na = 1\n' --speculative lookup --ngram-size 3
   python -m rtdlm generate --prompt 'x = ' --regex '[0-9]{1,4}( [+*-] [0-9]{1,4})*'  # constrained
   python -m rtdlm generate --prompt 'data = ' --json-schema schema.json --batch 4
   python -m rtdlm generate --model-dir path/to/checkpoint --prompt 'def fibonacci(n):'  # Hugging Face
@@ -278,7 +279,12 @@ def _generate(args) -> int:
     import jax
     import numpy as np
 
-    from rtdlm.decoding import generate, self_speculative_generate, speculative_generate
+    from rtdlm.decoding import (
+        generate,
+        prompt_lookup_generate,
+        self_speculative_generate,
+        speculative_generate,
+    )
     from rtdlm.models import EOS_ID, decode, encode, from_pretrained, load_model, load_tokenizer
 
     config = _sampling_config(args)
@@ -325,6 +331,15 @@ def _generate(args) -> int:
             model, draft, prompt, num_speculative_tokens=args.num_speculative_tokens, **common
         )
         what = f"draft model {draft_name!r}"
+    elif args.speculative == "lookup":
+        run = lambda: prompt_lookup_generate(
+            model,
+            prompt,
+            num_speculative_tokens=args.num_speculative_tokens,
+            ngram_size=args.ngram_size,
+            **common,
+        )
+        what = f"prompt lookup, n-grams up to {args.ngram_size}"
     else:
         run = lambda: self_speculative_generate(
             model,
@@ -494,13 +509,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     gen.add_argument("--seed", type=_non_negative_int, default=0, help="PRNG seed (default: %(default)s)")
     gen.add_argument("--model", default="target",
                      help="bundled model name or checkpoint file path (default: %(default)s)")
-    gen.add_argument("--speculative", choices=["none", "draft", "self"], default="none",
+    gen.add_argument("--speculative", choices=["none", "draft", "self", "lookup"], default="none",
                      help="draft: speculative decoding with --draft-model; self: early exit at "
-                          "--early-exit-layer drafts for the full model (default: %(default)s)")
+                          "--early-exit-layer drafts for the full model; lookup: the tokens that "
+                          "followed the last n-gram's latest earlier occurrence in the prompt and "
+                          "output are the drafts (default: %(default)s)")
     gen.add_argument("--draft-model", default="draft",
                      help="draft model for --speculative draft (default: %(default)s)")
     gen.add_argument("--early-exit-layer", type=_positive_int, default=2,
                      help="draft layer for --speculative self, 1..num_layers-1 (default: %(default)s)")
+    gen.add_argument("--ngram-size", type=_positive_int, default=3,
+                     help="longest n-gram --speculative lookup matches (default: %(default)s)")
     gen.add_argument("--num-speculative-tokens", type=_positive_int, default=4,
                      help="draft tokens per verification step (default: %(default)s)")
     gen.add_argument("--num-beams", type=_positive_int, default=1,

@@ -206,6 +206,19 @@ def test_generate_prints_prompt_text_and_speed(capsys, extra):
         assert "; drafts accepted " in out and "draft drafts" not in out
 
 
+def test_prompt_lookup_text_equals_plain_greedy_text(capsys):
+    """--speculative lookup is lossless: greedy text is plain decoding's, drafts accepted."""
+    prompt = r"x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n"
+    common = ["generate", "--prompt", prompt, "--max-new-tokens", "24", "--preset", "deterministic"]
+    texts = []
+    for extra in ([], ["--speculative", "lookup", "--ngram-size", "2"]):
+        assert main([*common, *extra]) == 0
+        out = capsys.readouterr().out
+        texts.append(out.split("\n[")[0])
+    assert texts[0] == texts[1]
+    assert "; drafts accepted " in out and "(prompt lookup, n-grams up to 2)" in out
+
+
 @pytest.mark.slow
 def test_train_without_matplotlib_and_without_touching_bundled_weights(tmp_path, capsys, monkeypatch):
     """Training completes without matplotlib (the plot is skipped, and says so), and a config's

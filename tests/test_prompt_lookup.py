@@ -283,6 +283,22 @@ def test_eos_stops_rows_individually(target):
     assert np.all(drafted[lengths == 1] == 0)
 
 
+def test_outputs_equal_generate(target):
+    """Logprobs (both modes, top-3) and stops: for the same greedy tokens, what generate reports."""
+    config = SamplingConfig(temperature=0.0, repetition_penalty=1.3)
+    stops = dict(stop_token_ids=[5], stop_sequences=[[1, 3]])
+    for mode in ("processed", "raw"):
+        args = dict(logprobs_mode=mode, num_top_logprobs=3, **stops)
+        out = run_small(target, 4, config, max_new_tokens=30, **args)
+        reference = run_generate(target, config, max_new_tokens=30, **args)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))
+        np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(reference.lengths))
+        assert 0 < int(np.sum(np.asarray(out.lengths) < 30)) < SMALL_ROWS  # some rows stopped
+        for field in ("logprobs", "top_logprobs"):
+            np.testing.assert_allclose(getattr(out, field), getattr(reference, field), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(out.top_token_ids), np.asarray(reference.top_token_ids))
+
+
 def test_compiled_once_across_configs(target):
     configs = [
         SamplingConfig(temperature=1.0, top_k=0, top_p=1.0),

@@ -140,6 +140,7 @@ def prompt_lookup_generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     processors: Processor = DEFAULT_PROCESSORS,
+    **output_args,
 ) -> GenerationOutput:
     """Speculative decoding with drafts looked up in the prompt and output (no draft model).
 
@@ -149,7 +150,9 @@ def prompt_lookup_generate(
     Args and result as `generate`, plus `num_speculative_tokens` (K, drafts per round) and
     `ngram_size` (the longest suffix matched; shorter ones down to 1 are tried when it does
     not occur earlier). `GenerationOutput.num_drafted` counts K per round and row (missing
-    drafts included), `.num_accepted` the drafts accepted.
+    drafts included), `.num_accepted` the drafts accepted. `output_args`: the keyword
+    arguments of `generate` for stops, samples and logprobs, as in `speculative_generate`
+    (logprobs come from the target's processed p).
 
     Example:
       >>> out = prompt_lookup_generate(model, prompt, key=jax.random.key(0), max_new_tokens=64,
@@ -170,4 +173,5 @@ def prompt_lookup_generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         processors=processors,
+        **output_args,
     )
