@@ -7,6 +7,7 @@ spelled out.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -40,6 +41,40 @@ def pytest_configure(config):
     # pyproject.toml already says so; repeat it so running from another rootdir keeps it.
     config.addinivalue_line("filterwarnings", "error")
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
+
+
+# Every XLA:CPU executable keeps a few memory mappings (its code and data sections) until it
+# is freed, and Linux caps a process at vm.max_map_count (65530 by default) mappings. The
+# whole suite compiles thousands of programs: before this, the CI process passed the cap a
+# third of the way through and XLA segfaulted inside a compile. So compiled programs are
+# dropped after every test module, and after any test that leaves the process close to it.
+_MAX_MAPS = 30_000
+
+
+def _memory_map_count() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return maps.read().count(b"\n")
+    except OSError:  # not Linux
+        return 0
+
+
+def _drop_compiled_programs() -> None:
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compile_caches_per_module():
+    yield
+    _drop_compiled_programs()
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_maps():
+    yield
+    if _memory_map_count() > _MAX_MAPS:
+        _drop_compiled_programs()
 
 
 @pytest.fixture
