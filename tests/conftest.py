@@ -26,6 +26,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # (`compilation_cache.put_executable_and_time`, Fatal Python error: Aborted), and a fresh
 # CI machine gains nothing from it.
 _CACHE_DIR = os.environ.get("RTDLM_TEST_JAX_CACHE", "")
+os.environ["RTDLM_NO_COMPILE_CACHE"] = "1"  # the CLI's cache (tests call `main` in-process)
 if _CACHE_DIR:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])

@@ -93,11 +93,15 @@ def check_generation(mesh):
             jax.random.key(3),
             CONFIGS[0],
             0,
-            max_new_tokens=10,
-            cache_length=13,
-            stream=None,
-            stop_when_done=False,
+            None,  # stop sequences
+            jnp.full(B, 10),  # per-row limits
+            jnp.int32(-1),  # no stream
+            max_new_tokens=16,
+            cache_length=19,
+            streams=False,
             mesh=mesh,
+            logprobs_mode="processed",
+            num_top_logprobs=0,
         )
         .compile()
         .as_text()

@@ -185,6 +185,98 @@ def with_eos(config: SamplingConfig, eos_token_id, stop_token_ids=None) -> Sampl
     return config
 
 
+MIN_BUCKET = 16
+
+
+def length_bucket(n: int) -> int:
+    """The compiled width for a length n: the next power of two >= max(n, 16)."""
+    return max(MIN_BUCKET, 1 << (int(n) - 1).bit_length())
+
+
+def bucketed_widths(prompt_width: int, new_tokens: int, max_length) -> tuple[int, int]:
+    """(prompt width, output width) to compile for, within the model's max_length."""
+    prompt_bucket, output_bucket = length_bucket(prompt_width), length_bucket(new_tokens)
+    if isinstance(max_length, int) and prompt_bucket + output_bucket > max_length:
+        output_bucket = max(new_tokens, max_length - prompt_bucket)
+        if prompt_bucket + output_bucket > max_length:  # the exact widths fit (checked)
+            return prompt_width, new_tokens
+    return prompt_bucket, output_bucket
+
+
+def new_token_limits(max_new_tokens, prompt_tokens) -> tuple[np.ndarray, int]:
+    """`max_new_tokens` (an int, or one per row of the prompt) -> ([B] int32 limits, their max)."""
+    batch = np.shape(prompt_tokens)[0] if np.ndim(prompt_tokens) == 2 else 1
+    if isinstance(max_new_tokens, jax.core.Tracer):
+        raise TypeError("max_new_tokens must be concrete (an int or a [B] array): it sets the output width")
+    limits = np.asarray(max_new_tokens)
+    if limits.dtype == bool or not np.issubdtype(limits.dtype, np.integer) or limits.ndim > 1:
+        raise TypeError(f"max_new_tokens must be an int or a [B] int array, got {max_new_tokens!r}")
+    if limits.ndim == 1 and limits.shape != (batch,):
+        raise ValueError(f"max_new_tokens as an array must have shape ({batch},), got {limits.shape}")
+    if limits.size and limits.min() <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    limits = np.broadcast_to(limits, (batch,)).astype(np.int32)
+    return limits, int(limits.max()) if batch else 1
+
+
+def bucketed_prompt(prompt, width: int, max_length, extra_slots: int = 0):
+    """(prompt right-padded to its bucket with id 0, output bucket, cache length) for a
+    decoder whose cache holds prompt + output + `extra_slots`."""
+    limit = max_length - extra_slots if isinstance(max_length, int) else None
+    prompt_bucket, output_bucket = bucketed_widths(prompt.shape[1], width, limit)
+    prompt = jnp.pad(prompt, ((0, 0), (0, prompt_bucket - prompt.shape[1])))  # id 0 is always valid
+    return prompt, output_bucket, prompt_bucket + output_bucket + extra_slots
+
+
+def trim(out: GenerationOutput, width: int) -> GenerationOutput:
+    """The first `width` output positions of every [B, N, ...] field."""
+    cut = lambda a: None if a is None else a[:, :width]
+    return out.replace(
+        tokens=cut(out.tokens),
+        logprobs=cut(out.logprobs),
+        top_token_ids=cut(out.top_token_ids),
+        top_logprobs=cut(out.top_logprobs),
+    )
+
+
+TOKEN_LIST_BUCKET = 16  # logit_bias / banned_token_ids are padded to a multiple of this
+
+
+def stable_structure(config: SamplingConfig) -> tuple[SamplingConfig, jax.Array]:
+    """The config with a structure that common changes do not alter, so they do not
+    recompile: `seed` None becomes 0 with the returned flag `seeded` False ([] bool; use
+    `step_keys`), and `logit_bias` / `banned_token_ids` (None or any length) become arrays
+    padded with -1 ids to a multiple of 16. Per-row ([B]) seeds and [N] -> [B, N] lists
+    still change the structure."""
+    seeded = jnp.asarray(config.seed is not None)
+    if config.seed is None:
+        config = config.replace(seed=np.uint32(0))
+    pad = lambda n: -(-max(n, 1) // TOKEN_LIST_BUCKET) * TOKEN_LIST_BUCKET - n
+
+    def padded(a, value):
+        return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad(a.shape[-1]))], constant_values=value)
+
+    bias = config.logit_bias
+    if bias is None:
+        bias = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+    if not any(isinstance(x, jax.core.Tracer) for x in bias):
+        ids, biases = np.asarray(bias[0], np.int32), np.asarray(bias[1], np.float32)
+        config = config.replace(logit_bias=(padded(ids, -1), padded(biases, 0.0)))
+    banned = config.banned_token_ids
+    banned = np.zeros(0, np.int32) if banned is None else banned
+    if not isinstance(banned, jax.core.Tracer):
+        config = config.replace(banned_token_ids=padded(np.asarray(banned, np.int32), -1))
+    return config, seeded
+
+
+def step_keys(key, config: SamplingConfig, seeded, batch: int):
+    """[B] keys of one step for a `stable_structure` config: as `row_keys` gives them for
+    the original config (seed None when `seeded` is False)."""
+    if jnp.ndim(config.seed) == 1:
+        return row_keys(key, config, batch)
+    return jnp.where(seeded, row_keys(key, config, batch), jax.random.split(key, batch))
+
+
 def last_prompt_logits(logits, lengths):
     """[B, P, V] prefill logits -> [B, V] float32 at each row's last real prompt token."""
     return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
@@ -220,8 +312,11 @@ def sample_tokens(
     mesh: Mesh | None = None,
     logprobs_mode: str = "processed",
     num_top_logprobs: int = 0,
+    keys=None,
 ) -> Step:
     """One sampling step: [B, V] logits -> [B] tokens, processed with the processors' state.
+
+    `keys` [B] replaces the per-row keys derived from `key` and `config.seed` (local path).
 
     With a `mesh` (axes "model" and optionally "data"), the logits and the state stay split
     over the vocabulary and the sampler runs where they lie (`rtdlm.sampling.sharded`); the
@@ -240,7 +335,8 @@ def sample_tokens(
         processed = processors.process(logits, config, state)
     else:
         processed = processors.process(logits, config, state)
-        token = sample_processed(row_keys(key, config, logits.shape[0]), processed).token_id
+        keys = row_keys(key, config, logits.shape[0]) if keys is None else keys
+        token = sample_processed(keys, processed).token_id
     return Step(token, *record(logits, processed, token, logprobs_mode, num_top_logprobs))
 
 
@@ -288,17 +384,28 @@ class Emitted(struct.PyTreeNode):
 
 
 def emit_accepted(
-    tokens, emitted, last, done, drafts, num_accepted, next_token, eos, pad_token_id, stop_sequences=None
+    tokens,
+    emitted,
+    last,
+    done,
+    drafts,
+    num_accepted,
+    next_token,
+    eos,
+    pad_token_id,
+    stop_sequences=None,
+    limit=None,
 ) -> Emitted:
     """Writes `drafts[:a]` then `next_token` after each row's `emitted` tokens, cut after a
-    stop and at the output's width; finished rows write nothing.
+    stop and at the row's limit; finished rows write nothing.
 
     tokens [B, N]; emitted [B]; last [B] the last token written so far; done [B] bool;
     drafts [B, K]; num_accepted [B] (a in [0, K]); next_token [B]; eos: the stop ids, [B]
-    or [B, S] (-1: none); stop_sequences: [B, M, L] (see `stop_hits`) or None. Only
-    generated tokens count toward a stop sequence; one may straddle rounds.
+    or [B, S] (-1: none); stop_sequences: [B, M, L] (see `stop_hits`) or None; limit: [B]
+    tokens each row may emit (<= N; default N). Only generated tokens count toward a stop
+    sequence; one may straddle rounds.
     """
-    width = tokens.shape[1]
+    width = tokens.shape[1] if limit is None else limit
     batch, num_drafts = drafts.shape
     slot = jnp.arange(num_drafts + 1)[None]  # [1, K+1]
     new = jnp.where(slot < num_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])

@@ -1,9 +1,19 @@
-"""`generate()`: prefill in one forward pass, then one compiled `lax.scan` over new tokens."""
+"""`generate()`: prefill in one forward pass, then one compiled `lax.scan` over new tokens.
+
+Compiled once per length bucket: the prompt is right-padded to the next power of two
+(from 16) and the output buffers get the next power of two >= `max_new_tokens`, which is
+a traced per-row limit. The scan's steps after every row is done skip the model, so a
+bucket costs slack in the buffers and the KV cache, not model steps. A stream callback
+is called through one module-level dispatcher, so any function streams with the same
+program. Seeds (None or a value) and logit_bias / banned_token_ids lists of any length do
+not recompile either (`stable_structure`).
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -14,20 +24,80 @@ from jax.sharding import Mesh
 
 from rtdlm.decoding.common import (
     GenerationOutput,
+    bucketed_prompt,
     check_generation_args,
     check_output_args,
     emit_accepted,
     expand_samples,
     last_prompt_logits,
+    new_token_limits,
     outputs,
     sample_tokens,
+    stable_structure,
+    step_keys,
     stop_sequences_array,
+    trim,
     with_eos,
     write_rows,
 )
 from rtdlm.sampling import DEFAULT_PROCESSORS, Processor, SamplingConfig, as_processor
 
-StreamCallback = Callable[[np.ndarray, np.ndarray], Any]  # (step, tokens [B]) on the host
+StreamCallback = Callable[..., Any]  # (step, tokens [B]) on the host; + texts with stream_text
+
+
+class TextStream:
+    """Per-row text from a stream of token ids: each call returns the text that became
+    ready, holding back an incomplete UTF-8 sequence (`decode` ends in U+FFFD) until the
+    tokens that finish it arrive. `decode(ids) -> str` decodes a whole row (as a tokenizer
+    does); the new text is the decoded row minus what was already returned."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], batch: int):
+        self.decode = decode
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.sent = [0] * batch  # characters returned per row
+
+    def __call__(self, tokens, active) -> list[str]:
+        """tokens [B], active [B] bool (a finished row's token is padding) -> texts [B]."""
+        rows = zip(np.asarray(tokens).tolist(), np.asarray(active).tolist(), strict=True)
+        return [self._ready_text(row, token, on) for row, (token, on) in enumerate(rows)]
+
+    def _ready_text(self, row: int, token: int, active: bool) -> str:
+        if not active:
+            return ""
+        self.ids[row].append(token)
+        text = self.decode(self.ids[row])
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+            return ""
+        new, self.sent[row] = text[self.sent[row] :], len(text)
+        return new
+
+
+_STREAMS: dict[int, Callable] = {}  # stream id -> the host function of one generate call
+_STREAM_IDS = itertools.count()
+
+
+def _dispatch_stream(stream_id, step, tokens, active):
+    _STREAMS[int(stream_id)](step, tokens, active)
+
+
+def _end_stream(stream_id):
+    _STREAMS.pop(int(stream_id), None)
+
+
+def _register_stream(stream, stream_text, batch: int, once: bool) -> int:
+    """The id under which `_dispatch_stream` finds this call's stream (removed at the end
+    of the run when `once`)."""
+    texts = TextStream(stream_text, batch) if stream_text is not None else None
+
+    def call(step, tokens, active):
+        if texts is None:
+            stream(step, tokens)
+        else:
+            stream(step, tokens, texts(tokens, active))
+
+    stream_id = next(_STREAM_IDS)
+    _STREAMS[stream_id] = call
+    return stream_id if once else -stream_id - 1  # a negative id: kept (an outer jit may rerun)
 
 
 @struct.dataclass
@@ -58,6 +128,7 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     stream: StreamCallback | None = None,
+    stream_text: Callable[[Sequence[int]], str] | None = None,
     stop_when_done: bool = False,
     mesh: Mesh | None = None,
     processors: Processor = DEFAULT_PROCESSORS,
@@ -76,12 +147,17 @@ def generate(
         row's length (default: P for every row).
       key: PRNG key; step t uses `fold_in(key, t)` and `config.seed` per row if given.
       config: `SamplingConfig` (scalars or [B] per-row values); new values never recompile.
-      max_new_tokens: static number of new tokens (the output width).
+      max_new_tokens: new tokens per row: an int, or a [B] int array of per-row limits. The
+        output width is the (largest) value; programs are compiled per power-of-two bucket
+        of it, so new values within a bucket do not recompile.
       eos_token_id: stops a row after it emits this token (default: `config.eos_token_id`).
       stream: optional host callback `stream(step, tokens[B])`, called in order as tokens
-        are produced (`jax.debug.callback`), e.g. to print text in a notebook.
-      stop_when_done: run a `lax.while_loop` that stops once every row hit EOS, instead of
-        the fixed-length `lax.scan`.
+        are produced (`jax.debug.callback`), e.g. to print text in a notebook. Finished
+        rows get `pad_token_id`. A new function does not recompile.
+      stream_text: `decode(ids) -> str` (a row's ids so far to text): the stream is then
+        called as `stream(step, tokens, texts)`, texts [B] the new text of each row, with
+        an incomplete UTF-8 sequence held back until it completes.
+      stop_when_done: kept for compatibility: once every row is done, steps skip the model.
       mesh: for a model whose logits are split over a "model" mesh axis (and the batch over
         "data", if the mesh has it): sample without gathering the vocabulary. The tokens
         equal those of the single-device run.
@@ -107,14 +183,27 @@ def generate(
       >>> out = generate(model, prompt, key=jax.random.key(0), max_new_tokens=64,
       ...                config=create_sampling_config_balanced())
     """
+    del stop_when_done  # steps after every row is done always skip the model
     config = with_eos(config, eos_token_id, stop_token_ids)
     check_output_args(logprobs_mode, num_top_logprobs, num_samples)
-    prompt, lengths, cache_length = check_generation_args(
-        model, prompt_tokens, prompt_lengths, max_new_tokens, config, pad_token_id=pad_token_id
+    if stream is None and stream_text is not None:
+        raise ValueError("stream_text needs a stream callback to hand the text to")
+    limits, width = new_token_limits(max_new_tokens, prompt_tokens)
+    prompt, lengths, _ = check_generation_args(
+        model, prompt_tokens, prompt_lengths, width, config, pad_token_id=pad_token_id
     )
     stops = stop_sequences_array(stop_sequences, prompt.shape[0])
     prompt, lengths, config, stops = expand_samples(num_samples, prompt, lengths, config, stops)
-    return _generate(
+    limits = np.repeat(limits, num_samples)
+    prompt, output_bucket, cache_length = bucketed_prompt(prompt, width, getattr(model, "max_length", None))
+    seeded = None
+    if mesh is None:  # the sharded sampler derives its keys itself
+        config, seeded = stable_structure(config)
+    stream_id = -1
+    if stream is not None:
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((prompt, key, config)))
+        stream_id = _register_stream(stream, stream_text, prompt.shape[0], once=not traced)
+    out = _generate(
         as_processor(processors),
         model,
         prompt,
@@ -123,14 +212,17 @@ def generate(
         config,
         pad_token_id,
         stops,
-        max_new_tokens=max_new_tokens,
+        jnp.asarray(limits),
+        jnp.int32(stream_id),
+        seeded,
+        max_new_tokens=output_bucket,
         cache_length=cache_length,
-        stream=stream,
-        stop_when_done=stop_when_done,
+        streams=stream is not None,
         mesh=mesh,
         logprobs_mode=logprobs_mode,
         num_top_logprobs=num_top_logprobs,
     )
+    return trim(out, width)
 
 
 @functools.partial(
@@ -139,8 +231,7 @@ def generate(
         "processors",
         "max_new_tokens",
         "cache_length",
-        "stream",
-        "stop_when_done",
+        "streams",
         "mesh",
         "logprobs_mode",
         "num_top_logprobs",
@@ -155,11 +246,13 @@ def _generate(
     config,
     pad_token_id,
     stop_sequences,
+    limits,
+    stream_id,
+    seeded,
     *,
     max_new_tokens,
     cache_length,
-    stream,
-    stop_when_done,
+    streams,
     mesh,
     logprobs_mode,
     num_top_logprobs,
@@ -187,12 +280,21 @@ def _generate(
 
     def step(s: DecodeState) -> DecodeState:
         key_t = jax.random.fold_in(key, s.step)
+        keys = None if seeded is None else step_keys(key_t, config, seeded, batch)
         sampled = sample_tokens(
-            key_t, s.logits, config, processors, s.processor_state, mesh, logprobs_mode, num_top_logprobs
+            key_t,
+            s.logits,
+            config,
+            processors,
+            s.processor_state,
+            mesh,
+            logprobs_mode,
+            num_top_logprobs,
+            keys,
         )
         token = jnp.where(s.done, pad_token_id, sampled.token)
-        if stream is not None:
-            jax.debug.callback(stream, s.step, token, ordered=True)
+        if streams:
+            jax.debug.callback(_dispatch_stream, stream_id, s.step, token, ~s.done, ordered=True)
         out = emit_accepted(
             s.tokens,
             s.emitted,
@@ -204,6 +306,7 @@ def _generate(
             stop_ids,
             pad_token_id,
             stop_sequences,
+            limits,
         )
         logits, cache = model(token[:, None], s.position[:, None], s.cache)
         return DecodeState(
@@ -220,8 +323,12 @@ def _generate(
             top_logprobs=write_rows(s.top_logprobs, s.emitted, sampled.top_logprobs[:, None], out.count),
         )
 
-    if stop_when_done:
-        final = jax.lax.while_loop(lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done), step, init)
-    else:
-        final = jax.lax.scan(lambda s, _: (step(s), None), init, length=max_new_tokens)[0]
+    def scan_step(s: DecodeState, _):
+        # Every row is done by its limit: the steps of the bucket past max(limits) (or past
+        # every row's stop) skip the model.
+        return jax.lax.cond(jnp.all(s.done), lambda s: s, step, s), None
+
+    final = jax.lax.scan(scan_step, init, length=max_new_tokens)[0]
+    if streams:
+        jax.debug.callback(_end_stream, stream_id, ordered=True)
     return outputs(final, num_top_logprobs)

@@ -28,15 +28,18 @@ from flax import struct
 
 from rtdlm.decoding.common import (
     GenerationOutput,
+    bucketed_prompt,
     check_generation_args,
     check_output_args,
     emit_accepted,
     expand_samples,
     last_prompt_logits,
+    new_token_limits,
     outputs,
     record,
     sample_tokens,
     stop_sequences_array,
+    trim,
     vocab_size,
     with_eos,
     write_rows,
@@ -255,11 +258,12 @@ def run_speculative(
     """The Python boundary the speculative decoders share: checks, then the loop."""
     config = with_eos(config, eos_token_id, stop_token_ids)
     check_output_args(logprobs_mode, num_top_logprobs, num_samples)
-    prompt, lengths, cache_length = check_generation_args(
+    limits, width = new_token_limits(max_new_tokens, prompt_tokens)
+    prompt, lengths, _ = check_generation_args(
         target_model,
         prompt_tokens,
         prompt_lengths,
-        max_new_tokens,
+        width,
         config,
         num_speculative_tokens,
         "the K speculative tokens",
@@ -269,7 +273,9 @@ def run_speculative(
         raise ValueError("speculative decoding needs at least one prompt row, got a batch of 0")
     stops = stop_sequences_array(stop_sequences, prompt.shape[0])
     prompt, lengths, config, stops = expand_samples(num_samples, prompt, lengths, config, stops)
-    return speculative_loop(
+    max_length = getattr(target_model, "max_length", None)
+    prompt, output_bucket, cache_length = bucketed_prompt(prompt, width, max_length, num_speculative_tokens)
+    out = speculative_loop(
         as_processor(processors),
         drafting,
         models,
@@ -279,12 +285,14 @@ def run_speculative(
         config,
         pad_token_id,
         stops,
+        jnp.asarray(np.repeat(limits, num_samples)),
         num_speculative_tokens=num_speculative_tokens,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=output_bucket,
         cache_length=cache_length,
         logprobs_mode=logprobs_mode,
         num_top_logprobs=num_top_logprobs,
     )
+    return trim(out, width)
 
 
 @struct.dataclass
@@ -328,6 +336,7 @@ def speculative_loop(
     config,
     pad_token_id,
     stop_sequences,
+    limits,
     *,
     num_speculative_tokens,
     max_new_tokens,
@@ -356,7 +365,7 @@ def speculative_loop(
     empty = jnp.full((batch, width), pad_token_id, jnp.int32)
     out = emit_accepted(
         empty, zeros, first.token, zeros.astype(bool), no_drafts, zeros, first.token, stop_ids, pad_token_id,
-        stop_sequences,
+        stop_sequences, limits,
     )  # fmt: skip
     init = SpeculativeState(
         round=jnp.ones((), jnp.int32),
@@ -401,7 +410,7 @@ def speculative_loop(
         )
         out = emit_accepted(
             s.tokens, s.emitted, s.last, s.done, drafts, num_accepted, next_token, stop_ids, pad_token_id,
-            stop_sequences,
+            stop_sequences, limits,
         )  # fmt: skip
         # What the outputs record of the emitted tokens: drafts[:a] then next_token, from the
         # target's processed p (or its raw logits) at their positions.
