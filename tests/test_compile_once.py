@@ -200,7 +200,13 @@ def test_speculative_lengths_within_a_bucket_compile_once(model):
 
     def spec(prompt, max_new_tokens, **kwargs):
         return speculative_generate(
-            model, draft, prompt, key=jax.random.key(1), config=SAMPLING, max_new_tokens=max_new_tokens, **kwargs
+            model,
+            draft,
+            prompt,
+            key=jax.random.key(1),
+            config=SAMPLING,
+            max_new_tokens=max_new_tokens,
+            **kwargs,
         )
 
     small = spec(prompt, 10)
