@@ -11,8 +11,8 @@ The drafts are fixed tokens, so q is a point mass: verification accepts draft x 
 probability p(x) and otherwise draws from p with x removed, which keeps the output
 exactly `generate`'s (greedy rows token for token). The search is a few compare/max
 passes over the [B, P + N] context on the device, inside the same compiled loop as the
-verify passes (`speculative_loop`); a row without a match drafts nothing that round and
-advances by the target's token alone.
+verify passes (`speculative_loop`); a row without a match drafts nothing useful that
+round and advances by the target's token alone.
 """
 
 from __future__ import annotations
@@ -107,17 +107,13 @@ class PromptLookup(Drafting):
         fed = jnp.where(has_draft, drafts, 0)  # valid ids for the model and processors
         q = jax.nn.one_hot(fed, vocab_size(model), dtype=jnp.float32)  # [B, K, V] point masses
         states = advance_states(processors, round.processor_state, fed, config)
-        return Proposal(cache, drafts, q, states, saved=(fed, jnp.any(has_draft)))
+        return Proposal(cache, drafts, q, states, saved=fed)
 
     def verify(self, model, cache, tokens, positions, saved):
-        fed, any_draft = saved
-        tokens = jnp.concatenate([tokens[:, :1], fed], axis=1)  # [B, K+1] with no -1 ids
-
-        def last_token_only(cache):
-            logits, cache = model(tokens[:, :1], positions[:, :1], cache)
-            return jnp.broadcast_to(logits, (tokens.shape[0], tokens.shape[1], logits.shape[-1])), cache
-
-        return jax.lax.cond(any_draft, lambda c: model(tokens, positions, c), last_token_only, cache)
+        # Every round verifies K+1 tokens, matched or not: skipping the pass when no row has
+        # a draft takes a lax.cond over the KV cache, which XLA:CPU copies (measured: 0.79x
+        # generate at B=16 with the cond, 1.18x without, on copy-heavy prompts).
+        return model(jnp.concatenate([tokens[:, :1], saved], axis=1), positions, cache)
 
 
 def check_ngram_size(ngram_size) -> None:
