@@ -447,7 +447,7 @@ def _use_compile_cache(enabled: bool) -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(_compile_cache_dir()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _show_library_logs() -> None:
