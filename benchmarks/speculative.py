@@ -423,10 +423,13 @@ def plot(rows, path, title, group_key):
         sel = [r for r in rows if tuple(r[g] for g in group_key) == group]
         label = ", ".join(f"{g}={v}" for g, v in zip(group_key, group, strict=True))
         (line,) = ax.plot([r["K"] for r in sel], [r["speedup"] for r in sel], "o-", label=label)
-        ax.plot([r["K"] for r in sel], [r["ideal_speedup"] for r in sel], ":", color=line.get_color())
+        if "ideal_speedup" in sel[0]:  # prompt lookup has no draft cost model
+            ax.plot([r["K"] for r in sel], [r["ideal_speedup"] for r in sel], ":", color=line.get_color())
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("K (draft tokens per round)")
-    ax.set_ylabel("speedup over generate (solid: measured, dotted: ideal)")
+    ax.set_ylabel(
+        "speedup over generate" + (" (solid: measured, dotted: ideal)" if "ideal_speedup" in rows[0] else "")
+    )
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -540,33 +543,13 @@ def plot_result(payload, path: Path):
     mode and batch size."""
     rows, device = payload["rows"], payload["environment"]["device_slug"]
     if "search_cost_per_round_vs_target_step" in payload:
-        plot_lookup(rows, path, f"prompt lookup (n-gram drafts) - {device}")
+        plot(rows, path, f"prompt lookup (n-gram drafts) - {device}", ["prompts", "mode", "batch"])
     elif "layer_sharing" in payload:
         mode = rows[0]["mode"]
         title = f"self-speculative (early exit), B=1, {mode} - {device}"
         plot([r for r in rows if r["mode"] == mode], path, title, ["exit_layer"])
     else:
         plot(rows, path, f"speculative decoding, bundled draft - {device}", ["mode", "batch"])
-
-
-def plot_lookup(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for group in sorted({(r["prompts"], r["mode"], r["batch"]) for r in rows}):
-        sel = [r for r in rows if (r["prompts"], r["mode"], r["batch"]) == group]
-        label = "{} prompts, {}, B={}".format(*group)
-        ax.plot([r["K"] for r in sel], [r["speedup"] for r in sel], "o-", label=label)
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("K (draft tokens per round)")
-    ax.set_ylabel("tokens/s over generate")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def recompute(path: Path):
