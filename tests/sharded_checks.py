@@ -80,32 +80,12 @@ def check_generation(mesh):
         )
         np.testing.assert_array_equal(got.tokens, want)
     # The decode step of `generate` with a mesh gathers no [B, V] logits either.
-    from rtdlm.decoding.loop import _generate
-    from rtdlm.sampling import DEFAULT_PROCESSORS
-
     sharded_target = jax.device_put(target, by_vocab)
-    hlo = (
-        _generate.lower(
-            DEFAULT_PROCESSORS,
-            sharded_target,
-            split_prompt,
-            jnp.full(B, 3),
-            jax.random.key(3),
-            CONFIGS[0],
-            0,
-            None,  # stop sequences
-            jnp.full(B, 10),  # per-row limits
-            jnp.int32(-1),  # no stream
-            max_new_tokens=16,
-            cache_length=19,
-            streams=False,
-            mesh=mesh,
-            logprobs_mode="processed",
-            num_top_logprobs=0,
-        )
-        .compile()
-        .as_text()
-    )
+
+    def sharded_generate(model, prompt, key):
+        return generate(model, prompt, key=key, config=CONFIGS[0], max_new_tokens=10, mesh=mesh).tokens
+
+    hlo = jax.jit(sharded_generate).lower(sharded_target, split_prompt, jax.random.key(3)).compile().as_text()
     widths = all_gather_widths(hlo)
     assert not widths or max(widths) < B // 2 * vocab, widths  # less than one device's rows of V
     print("generation: generate, speculative and self-speculative equal to one device")
