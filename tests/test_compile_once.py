@@ -130,6 +130,19 @@ def test_fresh_stream_functions_compile_once(model):
     assert seen == [(i, step) for i in range(3) for step in range(6)]
 
 
+def test_stream_inside_an_outer_jit(model):
+    """A stream registered while tracing stays registered: the program can run again."""
+    seen = []
+    prompt = np.tile([[1, 2, 3]], (2, 1))
+    stream = lambda step, tokens: seen.append(int(step))
+    program = jax.jit(lambda p: generate(model, p, key=jax.random.key(5), config=SAMPLING,
+                                         max_new_tokens=4, stream=stream).tokens)  # fmt: skip
+    for _ in range(2):
+        jax.block_until_ready(program(prompt))
+    jax.effects_barrier()
+    assert seen == [0, 1, 2, 3] * 2
+
+
 def test_stream_stops_with_the_rows(model):
     """Steps after every row is done call no stream; finished rows' tokens are padding."""
     steps = []

@@ -85,7 +85,8 @@ def _dispatch_stream(stream_id, step, tokens, active):
 
 
 def _end_stream(stream_id):
-    _STREAMS.pop(int(stream_id), None)
+    if stream_id >= 0:  # a negative id stays: its program may run again (inside an outer jit)
+        _STREAMS.pop(int(stream_id), None)
 
 
 def _register_stream(stream, stream_text, batch: int, once: bool) -> int:
@@ -99,9 +100,9 @@ def _register_stream(stream, stream_text, batch: int, once: bool) -> int:
         else:
             stream(step, tokens, texts(tokens, active))
 
-    stream_id = next(_STREAM_IDS)
+    stream_id = next(_STREAM_IDS) if once else -next(_STREAM_IDS) - 2  # -1 is "no stream"
     _STREAMS[stream_id] = call
-    return stream_id if once else -stream_id - 1  # a negative id: kept (an outer jit may rerun)
+    return stream_id
 
 
 @struct.dataclass
