@@ -13,7 +13,12 @@ Methods, timed in one process per shape and logits distribution:
                    threshold search is skipped; one uniform per row (inverse CDF).
   categorical_T    `jax.random.categorical(key, logits / 0.7)` (temperature only: Gumbel
                    noise for every vocabulary entry).
-  argmax           `jnp.argmax` (a floor: one read of the logits).
+  rtdlm_chain_no_history  the same chain without a history (no repetition penalty state).
+  argmax           `jnp.argmax` (the floor: one read of the logits).
+  hf_warpers       what a PyTorch user runs, on the CPU: Hugging Face transformers'
+                   RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                   TopPLogitsWarper, MinPLogitsWarper and `torch.multinomial` (eager torch,
+                   the same settings and history), when torch and transformers are installed.
   torch_sort_*     GPU only, when torch with CUDA is importable: the PyTorch servers' sort
                    fallback (torch.sort + cumsum + multinomial), eager, timed with CUDA events.
 
@@ -125,7 +130,9 @@ METHODS = {
     "sort_top_p": "full-sort top-p (JAX)",
     "rtdlm_temperature": "rtdlm temperature only",
     "categorical_T": "temperature-only categorical",
+    "rtdlm_chain_no_history": "rtdlm full chain, no history",
     "argmax": "argmax (floor)",
+    "hf_warpers": "Hugging Face torch warpers (CPU)",
     "torch_sort_chain": "PyTorch sort chain (CUDA)",
     "torch_sort_top_p": "PyTorch sort top-p (CUDA)",
 }
@@ -133,6 +140,8 @@ RATIOS = {  # name -> (numerator method, denominator method)
     "full_chain_sort_over_rtdlm": ("sort_chain", "rtdlm_chain"),
     "top_p_sort_over_rtdlm": ("sort_top_p", "rtdlm_top_p"),
     "rtdlm_chain_over_argmax": ("rtdlm_chain", "argmax"),
+    "rtdlm_chain_no_history_over_argmax": ("rtdlm_chain_no_history", "argmax"),
+    "hf_warpers_over_rtdlm_chain": ("hf_warpers", "rtdlm_chain"),
     # > 1: the candidate fast path (lax.top_k) beats searching the whole vocabulary
     "full_vocab_over_candidates": ("rtdlm_chain_full_vocab", "rtdlm_chain"),
     "rtdlm_top_p_over_argmax": ("rtdlm_top_p", "argmax"),
@@ -263,6 +272,7 @@ def jax_methods() -> dict[str, tuple[Callable[..., jax.Array], Any]]:
         # no candidate set: the radix threshold searches run over all V logits
         "rtdlm_chain_full_vocab": (step_rtdlm_chain, CHAIN_CONFIG.replace(num_candidates=2**31 - 1)),
         "sort_chain": (step_sort_chain, reference_params(chain=True)),
+        "rtdlm_chain_no_history": (step_rtdlm_no_history, CHAIN_CONFIG),
         "rtdlm_top_p": (step_rtdlm_no_history, TOP_P_CONFIG),
         "rtdlm_temperature": (step_rtdlm_no_history, TEMPERATURE_CONFIG),
         "sort_top_p": (step_sort_top_p, reference_params(chain=False)),
@@ -324,6 +334,42 @@ def nucleus_sizes(logits: np.ndarray) -> dict[str, float]:
     sizes = np.sum(np.cumsum(p, axis=-1) - p < TOP_P, axis=-1)
     return {"median": float(np.median(sizes)), "max": int(sizes.max()),
             "top1_probability_median": float(np.median(p[:, 0]))}
+
+
+# ---- Hugging Face's torch warpers (CPU) ----------------------------------------------------
+def hf_warpers_program(logits: np.ndarray, history: np.ndarray, steps: int) -> Callable[[], int] | None:
+    """A call that runs `steps` eager steps of transformers' warper chain + multinomial (the
+    same perturbation as the JAX methods), or None without torch/transformers."""
+    try:
+        import torch
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            MinPLogitsWarper,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+    except ImportError:
+        return None
+    warpers = LogitsProcessorList([
+        RepetitionPenaltyLogitsProcessor(REPETITION_PENALTY), TemperatureLogitsWarper(TEMPERATURE),
+        TopKLogitsWarper(TOP_K), TopPLogitsWarper(TOP_P), MinPLogitsWarper(MIN_P),
+    ])
+    base, base_history = torch.from_numpy(logits), torch.from_numpy(history).long()
+    vocab = base.shape[-1]
+    generator = torch.Generator().manual_seed(0)
+
+    def run() -> int:
+        total = 0
+        with torch.inference_mode():
+            for step in range(steps):
+                scores = warpers((base_history + step) % vocab, base + 0.01 * step)
+                probs = torch.softmax(scores, dim=-1)
+                total += int(torch.multinomial(probs, 1, generator=generator).sum())
+        return total
+
+    return run
 
 
 # ---- PyTorch (GPU only) --------------------------------------------------------------------
@@ -425,14 +471,16 @@ def compiled_ops(program) -> dict[str, int]:
             "while": text.count(" while("), "conditional": text.count(" conditional(")}
 
 
-def compile_methods(batch: int, vocab: int, steps: int):
+def compile_methods(batch: int, vocab: int, steps: int, methods=None):
     """For one shape: method -> compiled scan program `(logits, history, key) -> checksum`,
-    and method -> `compiled_ops` of it."""
+    and method -> `compiled_ops` of it (`methods`: the names to compile, default all)."""
     x = jax.ShapeDtypeStruct((batch, vocab), jnp.float32)
     h = jax.ShapeDtypeStruct((batch, HISTORY_LENGTH), jnp.int32)
     key = jax.random.key(0)
     compiled, ops = {}, {}
     for name, (step_fn, extra) in jax_methods().items():
+        if methods is not None and name not in methods:
+            continue
         program = scan_program(step_fn, steps, x, h, key, extra)
         compiled[name] = _with_last_operand(program, extra)
         ops[name] = compiled_ops(program)
@@ -443,14 +491,16 @@ def _with_last_operand(program, extra):
     return lambda logits, history, key: program(logits, history, key, extra)
 
 
-def run_case(batch, vocab, distribution, programs, ops, steps, repeats, use_torch):
+def run_case(batch, vocab, distribution, programs, ops, steps, repeats, use_torch, methods=None):
     logits = make_logits(distribution, batch, vocab)
     history = make_history(batch, vocab)
     operands = (jnp.asarray(logits), jnp.asarray(history), jax.random.key(0))
-    seconds = time_interleaved(
-        {name: functools.partial(program, *operands) for name, program in programs.items()},
-        repeats,
-    )
+    calls = {name: functools.partial(program, *operands) for name, program in programs.items()}
+    wanted = (methods is None or "hf_warpers" in methods) and jax.default_backend() == "cpu"
+    hf_warpers = hf_warpers_program(logits, history, steps) if wanted else None
+    if hf_warpers is not None:
+        calls["hf_warpers"] = hf_warpers
+    seconds = time_interleaved(calls, repeats)
     torch_error = None
     if use_torch:
         try:
@@ -557,6 +607,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per method; the median is reported (default 5 CPU, 20)")
     add_output_arguments(parser)
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of the methods to time (default: all; "
+                             "the full-sort references take seconds per step at large shapes)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run in seconds: one tiny shape, 2 steps, 2 repeats")
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
@@ -584,6 +637,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if steps < 1 or repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
     use_torch = platform == "gpu" and torch_available()
+    methods = None if args.methods is None else {m.strip() for m in args.methods.split(",")}
+    if methods is not None and not methods <= set(METHODS):
+        parser.error(f"unknown method(s) {sorted(methods - set(METHODS))}; choose from {list(METHODS)}")
 
     env = environment()
     print(f"{env['device']}; jax {env['jax_version']}; load {env['load_average_1_5_15min']}; "
@@ -591,10 +647,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{'; torch on' if use_torch else '; torch skipped (needs torch + CUDA)'}")
     cases = []
     for batch, vocab in shapes:
-        programs, ops = compile_methods(batch, vocab, steps)
+        programs, ops = compile_methods(batch, vocab, steps, methods)
         for distribution in distributions:
             cases.append(
-                run_case(batch, vocab, distribution, programs, ops, steps, repeats, use_torch))
+                run_case(batch, vocab, distribution, programs, ops, steps, repeats, use_torch, methods))
             print_case(cases[-1])
 
     payload = {

@@ -114,7 +114,8 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, 
     the min_keep-th largest logit, typical-p keeps at least the min_keep tokens closest to
     the entropy (ties kept, as everywhere).
 
-    Returns the rule and, per row, whether the top-p crossing was reached inside `values`.
+    Returns the rule and, per row, whether the top-p crossing was reached inside `values`
+    and top-p's own threshold (the key `_MIN_KEY` when off or not reached).
     `total_mass` [B] is the whole row's sum of exp(z - row_max) (top-p's normaliser when
     top-k is off).
     """
@@ -171,7 +172,79 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, 
     center, t_typ = lax.cond(
         jnp.any(use_typical), typical, lambda: (jnp.zeros_like(row_max), jnp.zeros_like(t_k))
     )
-    return KeepRule(threshold, center, t_typ), p_reached
+    return KeepRule(threshold, center, t_typ), p_reached, t_p
+
+
+class Truncation(NamedTuple):
+    """The truncation of `[B, V]` logits, before it is applied: the exact per-row rule, and
+    the candidates a draw can use instead of the whole row (`truncation`)."""
+
+    logits: jax.Array  # [B, V] float32 the rule applies to (NaN -> -inf, +inf -> max float)
+    row_max: jax.Array  # [B]
+    rule: KeepRule  # exact for every row; rows without a filter keep everything
+    greedy: jax.Array  # [B] bool: these rows keep only their first maximum
+    candidates: jax.Array  # [B, C] float32: the largest logits (all of them when C = V)
+    candidate_ids: jax.Array  # [B, C] int32 token ids (may be >= V where a value is -inf)
+    bound: jax.Array  # [B]: every logit > bound is a candidate (+inf: none is known to be)
+    inside: jax.Array  # [B] bool: the rule keeps only candidates (and -inf logits)
+
+    def keep(self) -> jax.Array:
+        """[B, V] bool: the tokens kept (greedy rows: the first maximum only)."""
+        z = self.logits
+        keep = self.rule.keep(z)
+        token_ids = jnp.arange(z.shape[-1])  # (local path only: the sharded sampler uses `truncate`)
+
+        def greedy_rows():
+            first_max = jnp.min(jnp.where(z == self.row_max[:, None], token_ids[None], z.shape[-1]), axis=-1)
+            return jnp.where(self.greedy[:, None], token_ids[None] == first_max[:, None], keep)
+
+        return lax.cond(jnp.any(self.greedy), greedy_rows, lambda: keep)
+
+
+def truncation(
+    logits: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    typical_p: jax.Array,
+    greedy: jax.Array,
+    num_candidates: int = 128,
+    min_tokens_to_keep: jax.Array | int = 1,
+) -> Truncation:
+    """`truncate`'s work without applying it (same arguments; local vocabulary only), for a
+    sampler that draws from the candidates where the kept set lies inside them."""
+    vocab = logits.shape[-1]
+    min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), top_k.shape)
+    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, LOCAL)
+    filtering = _filtering(params)
+    if num_candidates >= vocab:  # the whole row is the candidate set
+        rule = lax.cond(
+            jnp.any(filtering),
+            lambda: _keep_rule(z, row_max, _total_mass(z, row_max, params), *_rule_params(row_max, *params))[
+                0
+            ],
+            lambda: _keep_everything(row_max),
+        )
+        ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), z.shape)
+        everywhere = jnp.ones_like(greedy)
+        return Truncation(z, row_max, rule, greedy, z, ids, jnp.full_like(row_max, -jnp.inf), everywhere)
+
+    def search():
+        return _exact_candidate_rule(z, row_max, params, num_candidates)
+
+    def no_search():  # no row filters: keep everything, know nothing about candidates
+        width = min(num_candidates, vocab)
+        nothing = jnp.full((z.shape[0], width), -jnp.inf)
+        return (
+            _keep_everything(row_max),
+            nothing,
+            jnp.zeros(nothing.shape, jnp.int32),
+            jnp.full_like(row_max, jnp.inf),
+            jnp.zeros_like(greedy),
+        )
+
+    rule, values, ids, bound, inside = lax.cond(jnp.any(filtering), search, no_search)
+    return Truncation(z, row_max, rule, greedy, values, ids, bound, inside)
 
 
 def truncate(
@@ -200,28 +273,19 @@ def truncate(
 
     Returns: [B, V] float32 (the local block when sharded).
     """
+    if vocab_axis is None:
+        t = truncation(logits, top_k, top_p, min_p, typical_p, greedy, num_candidates, min_tokens_to_keep)
+        return jnp.where(t.keep(), t.logits, -jnp.inf)
     shards = Vocab(vocab_axis)
     local_vocab = logits.shape[-1]
     vocab = shards.size(local_vocab)
     min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), top_k.shape)
     z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards)
-    top_k, top_p, min_p, typical_p, _ = params
-    filtering = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0) | (typical_p < 1.0)  # [B]
-
-    def filtered():
-        total_mass = shards.sum(jnp.exp(z - row_max[:, None]))
-        if num_candidates >= vocab and not shards.sharded:
-            return _keep_rule(z, row_max, total_mass, *_rule_params(row_max, *params))[0].keep(z)
-        rule, covered = _candidate_rule(z, row_max, total_mass, params, num_candidates, shards)
-        rule = lax.cond(
-            jnp.all(covered),
-            lambda: rule,
-            lambda: _keep_rule(z, row_max, total_mass, *_rule_params(row_max, *params), shards)[0],
-        )
-        return rule.keep(z)
-
-    # Rows without a filter keep everything; when no row has one, skip the threshold search.
-    keep = lax.cond(jnp.any(filtering), filtered, lambda: jnp.ones(z.shape, bool))
+    keep = lax.cond(
+        jnp.any(_filtering(params)),
+        lambda: _exact_candidate_rule(z, row_max, params, num_candidates, shards)[0].keep(z),
+        lambda: jnp.ones(z.shape, bool),
+    )
     token_ids = shards.token_ids(local_vocab)
 
     def greedy_rows():  # keep only the first maximum
@@ -237,8 +301,10 @@ def _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards):
     the parameters clamped to their documented ranges."""
     z = jnp.where(jnp.isnan(logits), -jnp.inf, logits.astype(jnp.float32))
     z = jnp.minimum(z, jnp.finfo(jnp.float32).max)
-    z = jnp.where((shards.max(z) == -jnp.inf)[:, None], 0.0, z)  # empty rows
-    row_max = shards.max(z)  # [B], finite
+    row_max = shards.max(z)  # [B]
+    empty = row_max == -jnp.inf
+    z = jnp.where(empty[:, None], 0.0, z)
+    row_max = jnp.where(empty, 0.0, row_max)  # finite
     min_keep = jnp.clip(min_keep, 1, vocab).astype(jnp.int32)
     top_k = jnp.where(top_k > 0, jnp.maximum(top_k, min_keep), 0)  # Hugging Face's top-k rule
     top_k = jnp.where(top_k < vocab, top_k, 0).astype(jnp.int32)
@@ -248,42 +314,117 @@ def _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards):
     return z, row_max, (top_k, top_p, min_p, typical_p, min_keep)
 
 
+def _filtering(params):
+    """[B] bool: rows with any value filter on (the others keep every token)."""
+    top_k, top_p, min_p, typical_p, _ = params
+    return (top_k > 0) | (top_p < 1.0) | (min_p > 0.0) | (typical_p < 1.0)
+
+
+def _keep_everything(row_max):
+    zeros = jnp.zeros(row_max.shape, jnp.uint32)
+    return KeepRule(zeros, jnp.zeros_like(row_max), zeros)
+
+
+def _total_mass(z, row_max, params, shards=LOCAL):
+    """[B] sum of exp(z - row_max): top-p's normaliser where top-k is off (the one rule input
+    that needs a pass over the whole row, so it is skipped when no row needs it)."""
+    top_k, top_p, *_ = params
+    return lax.cond(
+        jnp.any((top_p < 1.0) & (top_k == 0)),
+        lambda: shards.sum(jnp.exp(z - row_max[:, None])),
+        lambda: jnp.ones_like(row_max),
+    )
+
+
 def _rule_params(row_max, top_k, top_p, min_p, typical_p, min_keep):
     min_p_key = order_key(row_max + jnp.log(min_p))  # min-p relative to the top token
     return top_k, top_p, min_p_key, typical_p, min_keep
 
 
-def _candidate_rule(z, row_max, total_mass, params, num_candidates, shards=LOCAL):
-    """The rule computed on each row's `num_candidates` largest logits, and per row [B]
-    whether it provably keeps exactly what the full-vocabulary rule keeps."""
-    top_k, top_p, _, typical_p, min_keep = params
-    vocab = shards.size(z.shape[-1])
-    candidates = lax.top_k(z, min(num_candidates, z.shape[-1]))[0]  # [B, C], descending
+_CANDIDATE_BLOCK = 16  # the candidate search first picks the blocks of 16 logits with the largest maxima
+
+
+def _candidates(z, num_candidates, shards=LOCAL):
+    """Each row's C largest logits, exactly, without running `lax.top_k` over the row.
+
+    Returns values [B, C] (descending), their token ids [B, C], and `bound` [B]: every logit
+    > bound is a candidate. Two levels when the row is wide: the maxima of blocks of 16
+    (one read of the row), the C blocks with the largest maxima, then the C largest of
+    their 16 * C logits. Every logit above the C-th largest block maximum lies in those
+    blocks, so the C largest gathered logits hold every logit above
+    `bound = max(C-th block maximum, smallest candidate)`.
+    """
+    local_vocab = z.shape[-1]
+    width = min(num_candidates, local_vocab)
+    blocks = -(-local_vocab // _CANDIDATE_BLOCK)
+    if blocks < 4 * width:  # a narrow row: one top-k over it costs about as much
+        values, ids = lax.top_k(z, width)
+        bound = jnp.min(values, axis=-1)  # == values[:, -1]; a slice would stop XLA:CPU's TopK kernel
+    else:
+        padded = jnp.pad(z, ((0, 0), (0, blocks * _CANDIDATE_BLOCK - local_vocab)), constant_values=-jnp.inf)
+        padded = padded.reshape(z.shape[0], blocks, _CANDIDATE_BLOCK)
+        block_max, top_blocks = lax.top_k(jnp.max(padded, axis=-1), width)  # [B, C]
+        gathered = jnp.take_along_axis(padded, top_blocks[:, :, None], axis=1).reshape(z.shape[0], -1)
+        values, position = lax.top_k(gathered, width)  # [B, C] of [B, 16 C]
+        block = jnp.take_along_axis(top_blocks, position // _CANDIDATE_BLOCK, axis=-1)
+        ids = block * _CANDIDATE_BLOCK + position % _CANDIDATE_BLOCK
+        bound = jnp.maximum(jnp.min(values, axis=-1), jnp.min(block_max, axis=-1))
+    ids = (ids + shards.offset(local_vocab)).astype(jnp.int32)
     if shards.sharded:  # the row's top C are among the devices' top Cs
-        candidates = lax.top_k(shards.gather(candidates), min(num_candidates, vocab))[0]
-    rule, p_reached = _keep_rule(candidates, row_max, total_mass, *_rule_params(row_max, *params))
-    # == candidates[:, -1]; slicing the top_k output would stop XLA on CPU from using its
-    # TopK kernel (it falls back to sorting the whole row).
-    last = jnp.min(candidates, axis=-1)  # [B]
-    width = candidates.shape[-1]
-    above_last = jnp.sum((candidates > last[:, None]).astype(jnp.int32), axis=-1)  # [B]
-    # Ties with `last` outside the candidates, the one [B, V] pass here (a float count:
-    # exact below 2**24 and cheaper than an integer sum on CPU).
-    no_outside_ties = shards.sum((z >= last[:, None]).astype(jnp.float32)) == width
-    last_key = order_key(last)
-    # (1) The k-th largest value is a candidate's whenever k <= C, ties or not, so the top-k
-    # threshold is exact (and so is min_keep's). (2) Top-p's crossing, if reached inside the
-    # candidates, is exact (above `last` the candidates hold the whole row; at `last` the
-    # full row has at least their mass) given the right normaliser: the top-k kept mass misses the ties with
-    # `last` outside the candidates only when top-k reaches down to `last`. (3) Typical-p's
-    # entropy needs the whole kept set inside the candidates.
-    k_exact = (top_k <= width) & (min_keep <= width)
-    normaliser_exact = (top_p >= 1.0) | (top_k == 0) | (top_k <= above_last) | no_outside_ties
-    kept_inside = (rule.threshold > last_key) | ((rule.threshold == last_key) & no_outside_ties)
-    typical_exact = (typical_p >= 1.0) | kept_inside
-    every_finite_inside = last == -jnp.inf  # the rest of the row is -inf: no mass
-    covered = p_reached & (every_finite_inside | (k_exact & normaliser_exact & typical_exact))
-    return rule, covered
+        local_bound = bound
+        values, best = lax.top_k(shards.gather(values), min(num_candidates, shards.size(local_vocab)))
+        ids = jnp.take_along_axis(shards.gather(ids), best, axis=-1)
+        bound = jnp.maximum(jnp.min(values, axis=-1), shards.max(local_bound[:, None]))
+    return values, ids, bound
+
+
+def _exact_candidate_rule(z, row_max, params, num_candidates, shards=LOCAL):
+    """The rule from the candidates where they prove it, else (`lax.cond`, whole batch) from
+    the whole row: (rule, candidates, their ids, bound, inside) as in `Truncation`."""
+    total_mass = _total_mass(z, row_max, params, shards)
+    rule, exact, inside, values, ids, bound = _candidate_rule(
+        z, row_max, total_mass, params, num_candidates, shards
+    )
+    rule = lax.cond(
+        jnp.all(exact),
+        lambda: rule,
+        lambda: _keep_rule(z, row_max, total_mass, *_rule_params(row_max, *params), shards)[0],
+    )
+    return rule, values, ids, bound, inside
+
+
+def _candidate_rule(z, row_max, total_mass, params, num_candidates, shards=LOCAL):
+    """The rule computed on each row's candidates, and per row [B] whether it is provably the
+    full-vocabulary rule (`exact`) and keeps only candidates (`inside`); then the candidates,
+    their ids and bound (`_candidates`).
+
+    Why it is exact: the rule's threshold is `max(t_k, min(max(t_p, t_min_p), t_keep))`.
+    Each part computed on the candidates equals the full row's wherever either is above
+    `bound` (everything above it is a candidate), given top-p's normaliser: the whole row's
+    mass with top-k off, the top-k kept mass when top-k reaches only candidates above bound.
+    As max/min commute with clamping at `bound`, a threshold above bound is then the full
+    row's, and so is the typical band (the kept set, and so its entropy, is inside).
+    """
+    top_k, top_p, min_p, typical_p, min_keep = params
+    values, ids, bound = _candidates(z, num_candidates, shards)
+    rule, p_reached, t_p = _keep_rule(values, row_max, total_mass, *_rule_params(row_max, *params))
+    bound_key = order_key(bound)
+    above_bound = jnp.sum((values > bound[:, None]).astype(jnp.int32), axis=-1)  # [B]
+    normaliser_exact = (top_p >= 1.0) | (top_k == 0) | (top_k <= above_bound)
+    inside = (rule.threshold > bound_key) & normaliser_exact
+    inside |= (bound == -jnp.inf) & p_reached  # the rest of the row is -inf: no mass
+    # Exact also where the kept set reaches past the candidates, when every part of the
+    # threshold is: the j-th largest value is the j-th candidate's while j <= the candidates
+    # >= bound; top-p's crossing is exact when it lies at or above bound (the row has at least
+    # the candidates' mass at bound); min-p needs only the row's maximum. Typical-p's entropy
+    # needs the whole kept set, so it is exact only inside.
+    at_or_above_bound = jnp.sum((values >= bound[:, None]).astype(jnp.int32), axis=-1)
+    k_exact = (top_k == 0) | (top_k <= at_or_above_bound)
+    keep_exact = (min_keep <= 1) | (min_keep <= at_or_above_bound)
+    p_exact = (top_p >= 1.0) | (normaliser_exact & (t_p >= bound_key))
+    parts_exact = k_exact & keep_exact & p_exact & (typical_p >= 1.0)
+    keeps_everything = ~_filtering(params)
+    return rule, inside | parts_exact | keeps_everything, inside, values, ids, bound
 
 
 def _candidate_keep(logits, top_k, top_p, min_p, typical_p, num_candidates: int = 128, min_tokens_to_keep=1):
@@ -293,5 +434,5 @@ def _candidate_keep(logits, top_k, top_p, min_p, typical_p, num_candidates: int 
     min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), jnp.shape(top_k))
     z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, logits.shape[-1], LOCAL)
     total_mass = jnp.sum(jnp.exp(z - row_max[:, None]), axis=-1)
-    rule, covered = _candidate_rule(z, row_max, total_mass, params, num_candidates)
-    return rule.keep(z), covered
+    rule, exact, *_ = _candidate_rule(z, row_max, total_mass, params, num_candidates)
+    return rule.keep(z), exact

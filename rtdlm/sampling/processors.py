@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtdlm.sampling.config import SamplingConfig
-from rtdlm.sampling.filters import truncate
+from rtdlm.sampling.filters import Truncation, truncate, truncation
 from rtdlm.sampling.vocab import Vocab
 
 
@@ -202,17 +202,56 @@ def _truncation(logits, config, **params):
     )
 
 
+def _config_filters(config: SamplingConfig, batch: int) -> dict[str, jax.Array]:
+    return dict(
+        top_k=per_row(config.top_k, batch),
+        top_p=per_row(config.top_p, batch),
+        min_p=per_row(config.min_p, batch),
+        typical_p=per_row(config.typical_p, batch),
+        greedy=is_greedy(config, batch),
+        num_candidates=config.num_candidates,
+        min_tokens_to_keep=per_row(config.min_tokens_to_keep, batch, jnp.int32),
+    )
+
+
 def apply_truncation(logits, config: SamplingConfig, state=()):
     """top-k, top-p, min-p and typical-p in one exact, sort-free pass; greedy rows keep argmax."""
-    return _truncation(
-        logits,
-        config,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        min_p=config.min_p,
-        typical_p=config.typical_p,
-        greedy=is_greedy(config, logits.shape[0]),
-    )
+    return truncate(logits, vocab_axis=config.vocab_axis, **_config_filters(config, logits.shape[0]))
+
+
+def config_truncation(logits, config: SamplingConfig) -> Truncation:
+    """`apply_truncation`'s work on `[B, V]` logits before it is applied (local vocabulary),
+    for a sampler that draws from its candidates (`sampler.sample_truncation`)."""
+    return truncation(logits, **_config_filters(config, logits.shape[0]))
+
+
+def _unchanged(logits, config, state):
+    return logits
+
+
+@dataclasses.dataclass(frozen=True)
+class _UntruncatedChain:
+    members: tuple[LogitsProcessor, ...]
+    last: Callable[..., jax.Array]  # the last member's process, itself untruncated
+
+    def __call__(self, logits, config, state):
+        for member, member_state in zip(self.members[:-1], state[:-1], strict=True):
+            logits = member.process(logits, config, member_state)
+        return self.last(logits, config, state[-1])
+
+
+def untruncated(processor: Processor) -> Callable[..., jax.Array] | None:
+    """The processor's `process` without its final `apply_truncation` (same state), or None
+    when it does not end with it. `DEFAULT_PROCESSORS` does: the sampler then applies the
+    truncation itself and can draw from its candidates instead of the whole row."""
+    process = as_processor(processor).process
+    if process is apply_truncation:
+        return _unchanged
+    if isinstance(process, _ChainProcess) and process.members:
+        last = untruncated(process.members[-1])
+        if last is not None:
+            return _UntruncatedChain(process.members, last)
+    return None
 
 
 def filter_top_k(logits, config: SamplingConfig, state=()):
@@ -241,7 +280,7 @@ def _init_generated(prompt, prompt_lengths, vocab_size, config):
 
 
 def _mask_early_eos(logits, config: SamplingConfig, generated):
-    batch = logits.shape[0]
+    batch, vocab = logits.shape
     too_early = generated < per_row(config.min_new_tokens, batch)
     stops = jnp.where(too_early[:, None], config.stop_ids(batch), -1)  # [B, S], -1 masks nothing
     return mask_token_ids(logits, config, stops)

@@ -10,7 +10,15 @@ from flax import struct
 from jax import lax
 
 from rtdlm.sampling.config import SamplingConfig
-from rtdlm.sampling.processors import DEFAULT_PROCESSORS, Processor, as_processor, init_from_history
+from rtdlm.sampling.filters import Truncation
+from rtdlm.sampling.processors import (
+    DEFAULT_PROCESSORS,
+    Processor,
+    as_processor,
+    config_truncation,
+    init_from_history,
+    untruncated,
+)
 from rtdlm.sampling.vocab import LOCAL, Vocab
 
 _DRAW_BLOCK = 256  # two-level inverse CDF: cumsum over blocks, then inside one block
@@ -87,6 +95,14 @@ def process_logits(
         always with the batch axis, also for `[V]` logits).
       processors: a `LogitsProcessor` or plain function (default: `DEFAULT_PROCESSORS`).
     """
+    logits, state, processors, squeeze = _prepare_call(logits, config, token_history, state, processors)
+    processed = processors.process(logits, config, state)
+    return processed[0] if squeeze else processed
+
+
+def _prepare_call(logits, config, token_history, state, processors):
+    """Checks the arguments; returns [B, V] float32 logits, the processors' state, the
+    processor and whether the logits were [V]."""
     logits, token_history, squeeze = _as_batch(logits, token_history)
     _check_config(config, logits.shape[0], squeeze)
     processors = as_processor(processors)
@@ -94,8 +110,7 @@ def process_logits(
         if token_history is None:
             token_history = jnp.zeros((logits.shape[0], 0), jnp.int32)
         state = init_from_history(processors, token_history, logits.shape[1], config)
-    processed = processors.process(logits, config, state)
-    return processed[0] if squeeze else processed
+    return logits, state, processors, squeeze
 
 
 def row_keys(key: jax.Array, config: SamplingConfig, batch: int) -> jax.Array:
@@ -232,8 +247,68 @@ def sample(
       >>> result.token_id.shape, result.probability.dtype  # logits [V]: one token
       ((), dtype('float32'))
     """
-    logits, token_history, squeeze = _as_batch(logits, token_history)
-    processed = process_logits(logits, config, token_history, state=state, processors=processors)
+    logits, state, processors, squeeze = _prepare_call(logits, config, token_history, state, processors)
     keys = row_keys(key, config, logits.shape[0])
-    result = sample_processed(keys, processed, config.num_top_tokens, config.vocab_axis)
+    result = sample_with(keys, logits, config, state, processors)
     return jax.tree.map(lambda x: x[0], result) if squeeze else result
+
+
+def sample_with(
+    keys: jax.Array, logits: jax.Array, config: SamplingConfig, state: Any, processors
+) -> SamplingResult:
+    """Processes `[B, V]` float32 logits with the processors' state and draws with `[B]` keys.
+
+    When the processors end with `apply_truncation` (as `DEFAULT_PROCESSORS` do) on a local
+    vocabulary, the truncation is applied here: rows whose kept set lies in their candidates
+    draw among those (`sample_truncation`) instead of the whole row.
+    """
+    processors = as_processor(processors)
+    before_truncation = untruncated(processors)
+    if before_truncation is None or config.vocab_axis is not None:
+        processed = processors.process(logits, config, state)
+        return sample_processed(keys, processed, config.num_top_tokens, config.vocab_axis)
+    truncation = config_truncation(before_truncation(logits, config, state), config)
+    return sample_truncation(keys, truncation, config.num_top_tokens)
+
+
+def sample_truncation(keys: jax.Array, t: Truncation, num_top_tokens: int = 10) -> SamplingResult:
+    """Draws one token per row from a truncation's kept set, with `[B]` keys.
+
+    A row whose kept set lies in its candidates (`t.inside`; greedy rows: when their maximum
+    is a candidate) draws among its C candidates, with no pass over the row; the others (a
+    `lax.cond` skips this when there are none) from the whole row. Each row's path depends
+    on its own logits only, and both give its exact distribution. `all_probabilities` and the
+    top tokens are computed only if used (XLA drops them otherwise).
+    """
+    vocab = t.logits.shape[-1]
+    row_max = t.row_max[:, None]
+    u = jax.vmap(jax.random.uniform)(keys)  # [B]
+    weights = jnp.where(t.rule.keep(t.candidates), jnp.exp(t.candidates - row_max), 0.0)  # [B, C]
+    index = _inverse_cdf(u, weights)[:, None]
+    first_max = jnp.min(jnp.where(t.candidates == row_max, t.candidate_ids, vocab), axis=-1)
+    from_candidates = (  # token, its logit - row max, the kept mass
+        jnp.where(t.greedy, first_max, jnp.take_along_axis(t.candidate_ids, index, axis=1)[:, 0]),
+        jnp.where(t.greedy, 0.0, jnp.take_along_axis(t.candidates, index, axis=1)[:, 0] - t.row_max),
+        jnp.where(t.greedy, 1.0, jnp.sum(weights, axis=-1)),
+    )
+    on_candidates = jnp.where(t.greedy, t.row_max > t.bound, t.inside)  # [B]
+
+    def from_rows():
+        row_weights = jnp.where(t.keep(), jnp.exp(t.logits - row_max), 0.0)  # [B, V]
+        token = _inverse_cdf(u, row_weights)
+        shifted = jnp.take_along_axis(t.logits, token[:, None], axis=1)[:, 0] - t.row_max
+        whole = (token, shifted, jnp.sum(row_weights, axis=-1))
+        return tuple(jnp.where(on_candidates, c, w) for c, w in zip(from_candidates, whole, strict=True))
+
+    token, shifted, total = lax.cond(jnp.all(on_candidates), lambda: from_candidates, from_rows)
+    all_weights = jnp.where(t.keep(), jnp.exp(t.logits - row_max), 0.0)
+    all_probabilities = all_weights / jnp.sum(all_weights, axis=-1, keepdims=True)
+    top_probabilities, top_ids = lax.top_k(all_probabilities, min(num_top_tokens, vocab))
+    return SamplingResult(
+        token_id=token.astype(jnp.int32),
+        probability=jnp.exp(shifted) / total,
+        logprob=shifted - jnp.log(total),
+        all_probabilities=all_probabilities,
+        top_token_ids=top_ids.astype(jnp.int32),
+        top_probabilities=top_probabilities,
+    )
