@@ -11,7 +11,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from rtdlm.sampling import LogitsProcessor, SamplingConfig, row_keys, sample_processed
+from rtdlm.sampling import LogitsProcessor, SamplingConfig, row_keys, sample_with
 from rtdlm.sampling.sharded import sharded_sample
 
 
@@ -334,9 +334,14 @@ def sample_tokens(
         # The whole-vocabulary scores are needed: gather them (costly, but only on request).
         processed = processors.process(logits, config, state)
     else:
-        processed = processors.process(logits, config, state)
         keys = row_keys(key, config, logits.shape[0]) if keys is None else keys
-        token = sample_processed(keys, processed).token_id
+        result = sample_with(keys, logits, config, state, processors)
+        token = result.token_id
+        if logprobs_mode == "processed" and num_top_logprobs == 0:
+            empty = jnp.zeros((token.shape[0], 0))
+            return Step(token, result.logprob, empty.astype(jnp.int32), empty)
+        # Top logprobs or "raw" need the whole processed row (only computed on request).
+        processed = processors.process(logits, config, state)
     return Step(token, *record(logits, processed, token, logprobs_mode, num_top_logprobs))
 
 

@@ -46,6 +46,8 @@ from rtdlm.sampling.sampler import (
     row_keys,
     sample,
     sample_processed,
+    sample_truncation,
+    sample_with,
 )
 
 _GUIDE_FACADES = ("TokenSampler", "SpeculativeDecoder", "SelfSpeculativeDecoder")
@@ -101,6 +103,8 @@ __all__ = [
     "row_keys",
     "sample",
     "sample_processed",
+    "sample_truncation",
+    "sample_with",
     "token_counts",
     "truncate",
 ]

@@ -180,25 +180,48 @@ class Truncation(NamedTuple):
     the candidates a draw can use instead of the whole row (`truncation`)."""
 
     logits: jax.Array  # [B, V] float32 the rule applies to (NaN -> -inf, +inf -> max float)
-    row_max: jax.Array  # [B]
-    rule: KeepRule  # exact for every row; rows without a filter keep everything
+    row_max: jax.Array  # [B] (0 for empty rows)
+    empty: jax.Array  # [B] bool: rows with no finite logit (kept whole, uniform)
+    rule: KeepRule  # exact for every non-empty row; rows without a filter keep everything
     greedy: jax.Array  # [B] bool: these rows keep only their first maximum
     candidates: jax.Array  # [B, C] float32: the largest logits (all of them when C = V)
     candidate_ids: jax.Array  # [B, C] int32 token ids (may be >= V where a value is -inf)
     bound: jax.Array  # [B]: every logit > bound is a candidate (+inf: none is known to be)
     inside: jax.Array  # [B] bool: the rule keeps only candidates (and -inf logits)
+    vocab: Vocab = LOCAL  # sharded: `logits` is this device's block; the rest is whole-row
 
     def keep(self) -> jax.Array:
         """[B, V] bool: the tokens kept (greedy rows: the first maximum only)."""
-        z = self.logits
-        keep = self.rule.keep(z)
-        token_ids = jnp.arange(z.shape[-1])  # (local path only: the sharded sampler uses `truncate`)
+        keep = self.rule.keep(self.logits)
+        return _keep_with_greedy(keep, self.logits, self.row_max, self.empty, self.greedy, self.vocab)
 
-        def greedy_rows():
-            first_max = jnp.min(jnp.where(z == self.row_max[:, None], token_ids[None], z.shape[-1]), axis=-1)
-            return jnp.where(self.greedy[:, None], token_ids[None] == first_max[:, None], keep)
+    def weights(self) -> jax.Array:
+        """[B, V] unnormalised probabilities of the kept tokens (empty rows: uniform)."""
+        mass = jnp.where(self.empty[:, None], 1.0, jnp.exp(self.logits - self.row_max[:, None]))
+        return jnp.where(self.keep(), mass, 0.0)
 
-        return lax.cond(jnp.any(self.greedy), greedy_rows, lambda: keep)
+    def processed(self) -> jax.Array:
+        """[B, V] logits with the removed tokens at -inf (what `truncate` returns)."""
+        return _apply(self.keep(), self.logits, self.empty)
+
+
+def _keep_with_greedy(keep, z, row_max, empty, greedy, shards=LOCAL):
+    """`keep` [B, V] with empty rows kept whole and greedy rows reduced to their first
+    maximum (token 0 for an empty row)."""
+    keep = keep | empty[:, None]
+    local_vocab = z.shape[-1]
+    token_ids = shards.token_ids(local_vocab)
+
+    def greedy_rows():
+        first_max = shards.min(jnp.where(z == row_max[:, None], token_ids[None], shards.size(local_vocab)))
+        first_max = jnp.where(empty, 0, first_max)
+        return jnp.where(greedy[:, None], token_ids[None] == first_max[:, None], keep)
+
+    return lax.cond(jnp.any(greedy), greedy_rows, lambda: keep)
+
+
+def _apply(keep, z, empty):
+    return jnp.where(keep, jnp.where(empty[:, None], 0.0, z), -jnp.inf)
 
 
 def truncation(
@@ -209,15 +232,17 @@ def truncation(
     typical_p: jax.Array,
     greedy: jax.Array,
     num_candidates: int = 128,
+    vocab_axis: str | None = None,
     min_tokens_to_keep: jax.Array | int = 1,
 ) -> Truncation:
-    """`truncate`'s work without applying it (same arguments; local vocabulary only), for a
-    sampler that draws from the candidates where the kept set lies inside them."""
-    vocab = logits.shape[-1]
+    """`truncate`'s work without applying it (same arguments), for a sampler that draws from
+    the candidates where the kept set lies inside them (`Truncation.processed()` applies it)."""
+    shards = Vocab(vocab_axis)
+    vocab = shards.size(logits.shape[-1])
     min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), top_k.shape)
-    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, LOCAL)
+    z, row_max, empty, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards)
     filtering = _filtering(params)
-    if num_candidates >= vocab:  # the whole row is the candidate set
+    if num_candidates >= vocab and not shards.sharded:  # the whole row is the candidate set
         rule = lax.cond(
             jnp.any(filtering),
             lambda: _keep_rule(z, row_max, _total_mass(z, row_max, params), *_rule_params(row_max, *params))[
@@ -226,25 +251,22 @@ def truncation(
             lambda: _keep_everything(row_max),
         )
         ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), z.shape)
-        everywhere = jnp.ones_like(greedy)
-        return Truncation(z, row_max, rule, greedy, z, ids, jnp.full_like(row_max, -jnp.inf), everywhere)
-
-    def search():
-        return _exact_candidate_rule(z, row_max, params, num_candidates)
-
-    def no_search():  # no row filters: keep everything, know nothing about candidates
-        width = min(num_candidates, vocab)
-        nothing = jnp.full((z.shape[0], width), -jnp.inf)
-        return (
-            _keep_everything(row_max),
-            nothing,
-            jnp.zeros(nothing.shape, jnp.int32),
-            jnp.full_like(row_max, jnp.inf),
-            jnp.zeros_like(greedy),
+        nothing_outside = jnp.full_like(row_max, -jnp.inf)
+        return Truncation(
+            z, row_max, empty, rule, greedy, z, ids, nothing_outside, jnp.ones_like(greedy), shards
         )
 
+    def search():
+        return _exact_candidate_rule(z, row_max, params, num_candidates, shards)
+
+    def no_search():  # no row filters: keep everything, know nothing about candidates
+        nothing = jnp.full((z.shape[0], min(num_candidates, vocab)), -jnp.inf)
+        unknown = jnp.full_like(row_max, jnp.inf)
+        ids = jnp.zeros(nothing.shape, jnp.int32)
+        return _keep_everything(row_max), nothing, ids, unknown, jnp.zeros_like(greedy)
+
     rule, values, ids, bound, inside = lax.cond(jnp.any(filtering), search, no_search)
-    return Truncation(z, row_max, rule, greedy, values, ids, bound, inside)
+    return Truncation(z, row_max, empty, rule, greedy, values, ids, bound, inside, shards)
 
 
 def truncate(
@@ -273,37 +295,19 @@ def truncate(
 
     Returns: [B, V] float32 (the local block when sharded).
     """
-    if vocab_axis is None:
-        t = truncation(logits, top_k, top_p, min_p, typical_p, greedy, num_candidates, min_tokens_to_keep)
-        return jnp.where(t.keep(), t.logits, -jnp.inf)
-    shards = Vocab(vocab_axis)
-    local_vocab = logits.shape[-1]
-    vocab = shards.size(local_vocab)
-    min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), top_k.shape)
-    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards)
-    keep = lax.cond(
-        jnp.any(_filtering(params)),
-        lambda: _exact_candidate_rule(z, row_max, params, num_candidates, shards)[0].keep(z),
-        lambda: jnp.ones(z.shape, bool),
-    )
-    token_ids = shards.token_ids(local_vocab)
-
-    def greedy_rows():  # keep only the first maximum
-        first_max = shards.min(jnp.where(z == row_max[:, None], token_ids[None], vocab))  # [B]
-        return jnp.where(greedy[:, None], token_ids[None] == first_max[:, None], keep)
-
-    keep = lax.cond(jnp.any(greedy), greedy_rows, lambda: keep)
-    return jnp.where(keep, z, -jnp.inf)
+    args = (top_k, top_p, min_p, typical_p, greedy, num_candidates, vocab_axis, min_tokens_to_keep)
+    return truncation(logits, *args).processed()
 
 
 def _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards):
-    """float32 logits with NaN -> -inf, +inf -> max float, empty rows -> 0; [B] row max;
-    the parameters clamped to their documented ranges."""
+    """float32 logits with NaN -> -inf, +inf -> max float; [B] row max (0 where `empty`:
+    rows with no finite logit, which the rule's users keep whole); the parameters clamped
+    to their documented ranges. (Empty rows are flagged, not rewritten: the logits are then
+    written once, and every reduction reads that copy.)"""
     z = jnp.where(jnp.isnan(logits), -jnp.inf, logits.astype(jnp.float32))
     z = jnp.minimum(z, jnp.finfo(jnp.float32).max)
     row_max = shards.max(z)  # [B]
     empty = row_max == -jnp.inf
-    z = jnp.where(empty[:, None], 0.0, z)
     row_max = jnp.where(empty, 0.0, row_max)  # finite
     min_keep = jnp.clip(min_keep, 1, vocab).astype(jnp.int32)
     top_k = jnp.where(top_k > 0, jnp.maximum(top_k, min_keep), 0)  # Hugging Face's top-k rule
@@ -311,7 +315,7 @@ def _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards):
     top_p = jnp.clip(jnp.nan_to_num(top_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
     typical_p = jnp.clip(jnp.nan_to_num(typical_p, nan=1.0), jnp.finfo(jnp.float32).tiny, 1.0)
     min_p = jnp.clip(jnp.nan_to_num(min_p, nan=0.0), 0.0, 1.0)
-    return z, row_max, (top_k, top_p, min_p, typical_p, min_keep)
+    return z, row_max, empty, (top_k, top_p, min_p, typical_p, min_keep)
 
 
 def _filtering(params):
@@ -361,9 +365,12 @@ def _candidates(z, num_candidates, shards=LOCAL):
         values, ids = lax.top_k(z, width)
         bound = jnp.min(values, axis=-1)  # == values[:, -1]; a slice would stop XLA:CPU's TopK kernel
     else:
-        padded = jnp.pad(z, ((0, 0), (0, blocks * _CANDIDATE_BLOCK - local_vocab)), constant_values=-jnp.inf)
+        pad = blocks * _CANDIDATE_BLOCK - local_vocab
+        window = (1, _CANDIDATE_BLOCK)  # a window over the [B, V] logits reads them in place
+        maxima = lax.reduce_window(z, -jnp.inf, lax.max, window, window, ((0, 0), (0, pad)))  # [B, blocks]
+        block_max, top_blocks = lax.top_k(maxima, width)  # [B, C]
+        padded = jnp.pad(z, ((0, 0), (0, pad)), constant_values=-jnp.inf)
         padded = padded.reshape(z.shape[0], blocks, _CANDIDATE_BLOCK)
-        block_max, top_blocks = lax.top_k(jnp.max(padded, axis=-1), width)  # [B, C]
         gathered = jnp.take_along_axis(padded, top_blocks[:, :, None], axis=1).reshape(z.shape[0], -1)
         values, position = lax.top_k(gathered, width)  # [B, C] of [B, 16 C]
         block = jnp.take_along_axis(top_blocks, position // _CANDIDATE_BLOCK, axis=-1)
@@ -432,7 +439,9 @@ def _candidate_keep(logits, top_k, top_p, min_p, typical_p, num_candidates: int 
     [B] whether that is provably the full-vocabulary rule's kept set (`truncate` takes the
     fast path iff every row is covered). Shows tests and benchmarks which path runs."""
     min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), jnp.shape(top_k))
-    z, row_max, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, logits.shape[-1], LOCAL)
+    z, row_max, _, params = _prepare(
+        logits, top_k, top_p, min_p, typical_p, min_keep, logits.shape[-1], LOCAL
+    )
     total_mass = jnp.sum(jnp.exp(z - row_max[:, None]), axis=-1)
     rule, exact, *_ = _candidate_rule(z, row_max, total_mass, params, num_candidates)
     return rule.keep(z), exact

@@ -220,9 +220,9 @@ def apply_truncation(logits, config: SamplingConfig, state=()):
 
 
 def config_truncation(logits, config: SamplingConfig) -> Truncation:
-    """`apply_truncation`'s work on `[B, V]` logits before it is applied (local vocabulary),
+    """`apply_truncation`'s work on `[B, V]` logits before it is applied,
     for a sampler that draws from its candidates (`sampler.sample_truncation`)."""
-    return truncation(logits, **_config_filters(config, logits.shape[0]))
+    return truncation(logits, vocab_axis=config.vocab_axis, **_config_filters(config, logits.shape[0]))
 
 
 def _unchanged(logits, config, state):

@@ -204,16 +204,22 @@ def sample_processed(
     total = vocab.sum(weights)
     is_chosen = vocab.token_ids(local_vocab)[None] == token[:, None]
     chosen = vocab.sum(jnp.where(is_chosen, processed - row_max[:, None], 0.0))  # its logit - max
-    all_probabilities = weights / total[:, None]
+    return _result(token, chosen, total, weights / total[:, None], num_top_tokens, vocab)
+
+
+def _result(token, shifted, total, all_probabilities, num_top_tokens, vocab: Vocab) -> SamplingResult:
+    """The `SamplingResult` of [B] tokens whose logit - row max is `shifted`, from rows of
+    kept mass `total` [B] and probabilities [B, V] (this device's block when sharded)."""
+    local_vocab = all_probabilities.shape[-1]
     top_probabilities, top_ids = lax.top_k(all_probabilities, min(num_top_tokens, local_vocab))
     if vocab.sharded:
         top_ids = vocab.gather(top_ids + vocab.offset(local_vocab))
         top_probabilities, best = lax.top_k(vocab.gather(top_probabilities), num_top_tokens)
         top_ids = jnp.take_along_axis(top_ids, best, axis=-1)
     return SamplingResult(
-        token_id=token,
-        probability=jnp.exp(chosen) / total,
-        logprob=chosen - jnp.log(total),
+        token_id=token.astype(jnp.int32),
+        probability=jnp.exp(shifted) / total,
+        logprob=shifted - jnp.log(total),
         all_probabilities=all_probabilities,
         top_token_ids=top_ids.astype(jnp.int32),
         top_probabilities=top_probabilities,
@@ -258,13 +264,14 @@ def sample_with(
 ) -> SamplingResult:
     """Processes `[B, V]` float32 logits with the processors' state and draws with `[B]` keys.
 
-    When the processors end with `apply_truncation` (as `DEFAULT_PROCESSORS` do) on a local
-    vocabulary, the truncation is applied here: rows whose kept set lies in their candidates
-    draw among those (`sample_truncation`) instead of the whole row.
+    When the processors end with `apply_truncation` (as `DEFAULT_PROCESSORS` do), the
+    truncation is applied here: rows whose kept set lies in their candidates draw among
+    those (`sample_truncation`) instead of the whole row. With `config.vocab_axis` (inside
+    `shard_map`) the logits are this device's vocabulary block.
     """
     processors = as_processor(processors)
     before_truncation = untruncated(processors)
-    if before_truncation is None or config.vocab_axis is not None:
+    if before_truncation is None:
         processed = processors.process(logits, config, state)
         return sample_processed(keys, processed, config.num_top_tokens, config.vocab_axis)
     truncation = config_truncation(before_truncation(logits, config, state), config)
@@ -280,35 +287,30 @@ def sample_truncation(keys: jax.Array, t: Truncation, num_top_tokens: int = 10) 
     on its own logits only, and both give its exact distribution. `all_probabilities` and the
     top tokens are computed only if used (XLA drops them otherwise).
     """
-    vocab = t.logits.shape[-1]
+    vocab = t.vocab
+    local_vocab = t.logits.shape[-1]
     row_max = t.row_max[:, None]
     u = jax.vmap(jax.random.uniform)(keys)  # [B]
     weights = jnp.where(t.rule.keep(t.candidates), jnp.exp(t.candidates - row_max), 0.0)  # [B, C]
     index = _inverse_cdf(u, weights)[:, None]
-    first_max = jnp.min(jnp.where(t.candidates == row_max, t.candidate_ids, vocab), axis=-1)
+    first_max = jnp.min(jnp.where(t.candidates == row_max, t.candidate_ids, vocab.size(local_vocab)), axis=-1)
     from_candidates = (  # token, its logit - row max, the kept mass
         jnp.where(t.greedy, first_max, jnp.take_along_axis(t.candidate_ids, index, axis=1)[:, 0]),
         jnp.where(t.greedy, 0.0, jnp.take_along_axis(t.candidates, index, axis=1)[:, 0] - t.row_max),
         jnp.where(t.greedy, 1.0, jnp.sum(weights, axis=-1)),
     )
-    on_candidates = jnp.where(t.greedy, t.row_max > t.bound, t.inside)  # [B]
+    on_candidates = ~t.empty & jnp.where(t.greedy, t.row_max > t.bound, t.inside)  # [B]
 
     def from_rows():
-        row_weights = jnp.where(t.keep(), jnp.exp(t.logits - row_max), 0.0)  # [B, V]
-        token = _inverse_cdf(u, row_weights)
-        shifted = jnp.take_along_axis(t.logits, token[:, None], axis=1)[:, 0] - t.row_max
-        whole = (token, shifted, jnp.sum(row_weights, axis=-1))
+        row_weights = t.weights()  # [B, V]
+        token = draw(keys, row_weights, vocab)
+        is_chosen = vocab.token_ids(local_vocab)[None] == token[:, None]
+        chosen = vocab.sum(jnp.where(is_chosen, t.logits - row_max, 0.0))
+        whole = (token, jnp.where(t.empty, 0.0, chosen), vocab.sum(row_weights))
         return tuple(jnp.where(on_candidates, c, w) for c, w in zip(from_candidates, whole, strict=True))
 
     token, shifted, total = lax.cond(jnp.all(on_candidates), lambda: from_candidates, from_rows)
-    all_weights = jnp.where(t.keep(), jnp.exp(t.logits - row_max), 0.0)
-    all_probabilities = all_weights / jnp.sum(all_weights, axis=-1, keepdims=True)
-    top_probabilities, top_ids = lax.top_k(all_probabilities, min(num_top_tokens, vocab))
-    return SamplingResult(
-        token_id=token.astype(jnp.int32),
-        probability=jnp.exp(shifted) / total,
-        logprob=shifted - jnp.log(total),
-        all_probabilities=all_probabilities,
-        top_token_ids=top_ids.astype(jnp.int32),
-        top_probabilities=top_probabilities,
+    all_weights = t.weights()
+    return _result(
+        token, shifted, total, all_weights / vocab.sum(all_weights)[:, None], num_top_tokens, vocab
     )

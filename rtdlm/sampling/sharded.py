@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from rtdlm.sampling.config import SamplingConfig
 from rtdlm.sampling.processors import DEFAULT_PROCESSORS, Processor, as_processor
-from rtdlm.sampling.sampler import SamplingResult, process_logits, row_keys, sample_processed
+from rtdlm.sampling.sampler import SamplingResult, _prepare_call, row_keys, sample_with
 
 
 def config_partition_specs(config: SamplingConfig, batch_axis: str | None) -> SamplingConfig:
@@ -101,8 +101,8 @@ def sharded_sample(
     in_specs = (rows, split, config_partition_specs(config, batch_axis), history_spec, state_specs)
 
     def local(keys, logits, config, token_history, state):
-        processed = process_logits(logits, config, token_history, state=state, processors=processors)
-        return sample_processed(keys, processed, config.num_top_tokens, vocab_axis)
+        logits, state, _, _ = _prepare_call(logits, config, token_history, state, processors)
+        return sample_with(keys, logits, config, state, processors)
 
     # check_vma=False: cond branches mix device-varying and replicated values; every output
     # that is unsplit over `vocab_axis` comes out of a psum/all_gather, so it is replicated.
