@@ -5,13 +5,15 @@ per-row rule "keep `z >= t`" (typical-p adds a band `|z - c| <= r`). Thresholds 
 on the float32 bit patterns mapped to order-preserving uint32 keys (`_largest_threshold`:
 all pairs at once for narrow rows, radix select for wide ones), exact, ties kept.
 
-Fast path: the searches run on the `num_candidates` largest logits of each row
-(`lax.top_k`), which is exact whenever the candidates provably give the full row's
-thresholds (`_candidate_rule`): top-k <= C and the top-p crossing reached inside the
-candidates; ties of the last candidate's value outside the candidates (common with
-bfloat16-valued logits) matter only where top-k and top-p both reach down to that value,
-or typical-p's kept set does. Otherwise (`lax.cond`, whole batch) the same searches run on
-the full vocabulary.
+Fast path: the searches run on each row's `num_candidates` largest logits, found in two
+levels without a top-k over the whole row (`_candidates`: the maxima of blocks of 16, the
+C blocks with the largest maxima, the C largest of their logits), with a `bound` above
+which every logit is a candidate. A threshold computed on the candidates is the full row's
+when it lies above the bound (and, for top-k, top-p's crossing and min-p, also at it:
+`_candidate_rule`); ties of the bound's value outside the candidates (common with
+bfloat16-valued logits) matter only below it. Otherwise (`lax.cond`, whole batch) the same
+searches run on the full vocabulary. Where the kept set lies inside the candidates, a
+sampler can draw among them (`Truncation`, `sampler.sample_truncation`).
 
 Tie rule: tokens whose logit equals the threshold are all kept (top-k keeps ties with the
 k-th value, top-p keeps ties with the crossing token); HF transformers breaks such ties by
@@ -235,21 +237,34 @@ def truncation(
     vocab_axis: str | None = None,
     min_tokens_to_keep: jax.Array | int = 1,
 ) -> Truncation:
-    """`truncate`'s work without applying it (same arguments), for a sampler that draws from
-    the candidates where the kept set lies inside them (`Truncation.processed()` applies it)."""
+    """Top-k, top-p, min-p, typical-p (in that order) and greedy for `[B, V]` logits, not yet
+    applied: `truncate` applies it; a sampler draws from the candidates where the kept set
+    lies inside them (`sampler.sample_truncation`).
+
+    Per-row parameters are `[B]` arrays (off: top_k 0, top_p 1, min_p 0, typical_p 1).
+    `min_tokens_to_keep` ([B] or scalar, Hugging Face's): top-k keeps at least that many,
+    top-p and min-p never cut below the min_tokens_to_keep-th largest logit, and typical-p
+    keeps at least the min_tokens_to_keep tokens closest to the entropy.
+    Removed tokens become -inf. NaN logits count as -inf, +inf as the largest float; a row
+    with no finite logit becomes all zeros (uniform; greedy picks token 0).
+
+    `vocab_axis`: inside `shard_map`, the mesh axis the vocabulary is split over; `logits`
+    is then this device's `[B, V/n]` block, and only per-row scalars, the candidate sets
+    and small histograms cross devices.
+
+    `.processed()` is `truncate`'s result: [B, V] float32 (the local block when sharded).
+    """
     shards = Vocab(vocab_axis)
     vocab = shards.size(logits.shape[-1])
     min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), top_k.shape)
     z, row_max, empty, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards)
     filtering = _filtering(params)
     if num_candidates >= vocab and not shards.sharded:  # the whole row is the candidate set
-        rule = lax.cond(
-            jnp.any(filtering),
-            lambda: _keep_rule(z, row_max, _total_mass(z, row_max, params), *_rule_params(row_max, *params))[
-                0
-            ],
-            lambda: _keep_everything(row_max),
-        )
+
+        def whole_row_rule():
+            return _keep_rule(z, row_max, _total_mass(z, row_max, params), *_rule_params(row_max, *params))[0]
+
+        rule = lax.cond(jnp.any(filtering), whole_row_rule, lambda: _keep_everything(row_max))
         ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), z.shape)
         nothing_outside = jnp.full_like(row_max, -jnp.inf)
         return Truncation(
@@ -269,34 +284,10 @@ def truncation(
     return Truncation(z, row_max, empty, rule, greedy, values, ids, bound, inside, shards)
 
 
-def truncate(
-    logits: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    min_p: jax.Array,
-    typical_p: jax.Array,
-    greedy: jax.Array,
-    num_candidates: int = 128,
-    vocab_axis: str | None = None,
-    min_tokens_to_keep: jax.Array | int = 1,
-) -> jax.Array:
-    """Applies top-k, top-p, min-p, typical-p (in that order) and greedy to `[B, V]` logits.
-
-    Per-row parameters are `[B]` arrays (off: top_k 0, top_p 1, min_p 0, typical_p 1).
-    `min_tokens_to_keep` ([B] or scalar, Hugging Face's): top-k keeps at least that many,
-    top-p and min-p never cut below the min_tokens_to_keep-th largest logit, and typical-p
-    keeps at least the min_tokens_to_keep tokens closest to the entropy.
-    Removed tokens become -inf. NaN logits count as -inf, +inf as the largest float; a row
-    with no finite logit becomes all zeros (uniform; greedy picks token 0).
-
-    `vocab_axis`: inside `shard_map`, the mesh axis the vocabulary is split over; `logits`
-    is then this device's `[B, V/n]` block, and only per-row scalars, the candidate sets
-    and small histograms cross devices.
-
-    Returns: [B, V] float32 (the local block when sharded).
-    """
-    args = (top_k, top_p, min_p, typical_p, greedy, num_candidates, vocab_axis, min_tokens_to_keep)
-    return truncation(logits, *args).processed()
+def truncate(logits: jax.Array, *args, **kwargs) -> jax.Array:
+    """Applies top-k, top-p, min-p, typical-p and greedy to `[B, V]` logits: removed tokens
+    become -inf (arguments and outcome as for `truncation`)."""
+    return truncation(logits, *args, **kwargs).processed()
 
 
 def _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards):
