@@ -30,7 +30,8 @@ from jax import lax
 
 from rtdlm.sampling.vocab import LOCAL, Vocab
 
-_RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of the uint32 key, high first
+_RADIX_SHIFTS = (21, 10, 0)  # the uint32 key's digits, high first: bits 21-31, 10-20, 0-9
+_RADIX_SIZE = 1 << 11  # histogram bins per digit (the last digit uses 1024 of them)
 _PAIRWISE_MAX_WIDTH = 512  # rows up to this wide compare all pairs; wider: radix select
 _MIN_KEY = jnp.uint32(0)
 _MAX_KEY = jnp.uint32(0xFFFFFFFF)
@@ -66,25 +67,30 @@ def _pairwise_threshold(keys, weights, target):
 
 
 def _radix_select(keys, weights, target, vocab: Vocab = LOCAL):
+    """Radix select: one histogram pass per digit, in a loop (its body compiles once)."""
     batch = keys.shape[0]
     rows = jnp.arange(batch)[:, None]
-    prefix = jnp.zeros(batch, jnp.uint32)  # the threshold's bits decided so far
-    above = jnp.zeros(batch, weights.dtype)  # mass of keys above every threshold with this prefix
-    for shift, bits in _RADIX_DIGITS:
-        size = 1 << bits
-        digit = ((keys >> shift) & (size - 1)).astype(jnp.int32)
-        high = shift + bits
-        if high < 32:  # only keys sharing the decided prefix compete; the others are dropped
-            digit = jnp.where((keys >> high) == (prefix >> high)[:, None], digit, size)
-        hist = jnp.zeros((batch, size), weights.dtype).at[rows, digit].add(weights, mode="drop")
+    shifts = jnp.asarray(_RADIX_SHIFTS, jnp.uint32)
+    highs = jnp.asarray((32,) + _RADIX_SHIFTS[:-1], jnp.uint32)  # where each digit ends
+
+    def digit_pass(i, carry):
+        prefix, above = carry  # the threshold's bits decided so far; mass above all candidates
+        shift, high = shifts[i], highs[i]
+        # 11 bits (the last digit's top bit, bit 10, is already decided: its bins stay apart)
+        digit = ((keys >> shift) & (_RADIX_SIZE - 1)).astype(jnp.int32)
+        # Only keys sharing the decided prefix compete; the others are dropped.
+        competing = (high == 32) | ((keys >> (high & 31)) == (prefix >> (high & 31))[:, None])
+        digit = jnp.where(competing, digit, _RADIX_SIZE)
+        hist = jnp.zeros((batch, _RADIX_SIZE), weights.dtype).at[rows, digit].add(weights, mode="drop")
         hist = vocab.combine_sum(hist)
         at_or_above = jnp.cumsum(hist[:, ::-1], axis=-1)[:, ::-1]  # [B, size] mass of digits >= d
         reaches = above[:, None] + at_or_above >= target[:, None]  # True up to the answer
         best = jnp.maximum(jnp.sum(reaches, axis=-1) - 1, 0)  # [B]
         strictly_above = jnp.pad(at_or_above, ((0, 0), (0, 1)))[rows[:, 0], best + 1]
-        above = above + strictly_above
-        prefix = prefix | (best.astype(jnp.uint32) << shift)
-    return prefix
+        return prefix | (best.astype(jnp.uint32) << shift), above + strictly_above
+
+    start = (jnp.zeros(batch, jnp.uint32), jnp.zeros(batch, weights.dtype))
+    return lax.fori_loop(0, len(_RADIX_SHIFTS), digit_pass, start)[0]
 
 
 class KeepRule(NamedTuple):
@@ -120,61 +126,79 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, 
     and top-p's own threshold (the key `_MIN_KEY` when off or not reached).
     `total_mass` [B] is the whole row's sum of exp(z - row_max) (top-p's normaliser when
     top-k is off).
+
+    The five threshold searches run as the stages of one loop, so the search compiles once
+    (each stage is skipped when no row uses it):
+      0 top-k: the top_k-th largest key       1 min_keep: the min_keep-th largest key
+      2 top-p: mass of the top-k kept set     3 typical-p: mass of the tokens nearest the
+      4 typical min_keep: count, as 3           entropy of the kept set
     """
     keys = order_key(values)
     mass = jnp.exp(values - row_max[:, None])  # [B, N]; 0 for -inf
+    count = jnp.ones_like(mass)
+    use_k, use_p, use_m, use_typical = top_k > 0, top_p < 1.0, min_keep > 1, typical_p < 1.0
+    off = jnp.asarray([_MIN_KEY, _MAX_KEY, _MIN_KEY, _MIN_KEY, _MAX_KEY])  # a skipped stage's result
 
-    def top_k_threshold():
-        return jnp.where(top_k > 0, _largest_threshold(keys, jnp.ones_like(mass), top_k, vocab), _MIN_KEY)
+    def top_k_mass(found):  # [B, N] mass of the top-k kept set, its sum, top-p's target
+        mass_k = jnp.where(keys >= found[0][:, None], mass, 0.0)
+        kept_mass_k = vocab.sum(mass_k)
+        return mass_k, kept_mass_k, top_p * jnp.where(use_k, kept_mass_k, total_mass)
 
-    use_k = top_k > 0
-    t_k = lax.cond(jnp.any(use_k), top_k_threshold, lambda: jnp.zeros_like(top_k, jnp.uint32))
-    mass_k = jnp.where(keys >= t_k[:, None], mass, 0.0)
-    kept_mass_k = vocab.sum(mass_k)
-    normaliser = jnp.where(use_k, kept_mass_k, total_mass)  # top-p runs on the top-k renormalised
-    target_p = top_p * normaliser
-    use_p = top_p < 1.0
-    t_p = lax.cond(
-        jnp.any(use_p),
-        lambda: jnp.where(use_p, _largest_threshold(keys, mass_k, target_p, vocab), _MIN_KEY),
-        lambda: jnp.zeros_like(t_k),
-    )
-    p_reached = ~use_p | (kept_mass_k >= target_p)
-    use_m = min_keep > 1
-    t_m = lax.cond(  # the min_keep-th largest key: the most top-p and min-p may cut
-        jnp.any(use_m),
-        lambda: jnp.where(use_m, _largest_threshold(keys, jnp.ones_like(mass), min_keep, vocab), _MAX_KEY),
-        lambda: jnp.full_like(t_k, _MAX_KEY),
-    )
-    threshold = jnp.maximum(t_k, jnp.minimum(jnp.maximum(t_p, min_p_key), t_m))
+    def top_p_stage(found, center):
+        mass_k, _, target_p = top_k_mass(found)
+        return keys, mass_k, target_p, center
 
-    def typical():
+    def value_threshold(found):
+        t_k, t_m, t_p = found[0], found[1], found[2]
+        return jnp.maximum(t_k, jnp.minimum(jnp.maximum(t_p, min_p_key), t_m))
+
+    def typical_keys(found, center):  # keys by distance from the center; kept tokens only
+        kept = keys >= value_threshold(found)[:, None]
+        return jnp.where(kept, _typical_key(values, center), _MIN_KEY), kept
+
+    def typical_mass_stage(found, center):
         # Distance of -log q_i from the entropy H of the kept distribution q:
         # |-log q_i - H| = |z_i - center| with center = row_max + log Z - H.
-        kept_mass = jnp.where(keys >= threshold[:, None], mass, 0.0)
+        kept_mass = jnp.where(keys >= value_threshold(found)[:, None], mass, 0.0)
         z_kept = vocab.sum(kept_mass)
         q = kept_mass / z_kept[:, None]
         log_q = jnp.where(q > 0, values - row_max[:, None] - jnp.log(z_kept)[:, None], 0.0)
         entropy = -vocab.sum(q * log_q)
         center = row_max + jnp.log(z_kept) - entropy
+        return typical_keys(found, center)[0], kept_mass, typical_p * z_kept, center
+
+    def typical_count_stage(found, center):
         # Tokens kept by value whose mass underflows still have a distance (HF's log-softmax
         # is finite): they count for min_keep, and weigh nothing for the mass.
-        kept = keys >= threshold[:, None]
-        typical_keys = jnp.where(kept, _typical_key(values, center), _MIN_KEY)
-        t_typ = _largest_threshold(typical_keys, kept_mass, typical_p * z_kept, vocab)
-        t_typ_m = lax.cond(
-            jnp.any(use_m),
-            lambda: _largest_threshold(typical_keys, kept.astype(mass.dtype), min_keep, vocab),
-            lambda: jnp.full_like(t_typ, _MAX_KEY),
-        )
-        t_typ = jnp.minimum(t_typ, jnp.where(use_m, t_typ_m, _MAX_KEY))
-        return center, jnp.where(typical_p < 1.0, t_typ, _MIN_KEY)
+        stage_keys, kept = typical_keys(found, center)
+        return stage_keys, kept.astype(mass.dtype), min_keep.astype(mass.dtype), center
 
-    use_typical = typical_p < 1.0
-    center, t_typ = lax.cond(
-        jnp.any(use_typical), typical, lambda: (jnp.zeros_like(row_max), jnp.zeros_like(t_k))
+    stages = (  # (found [5, B], center [B]) -> the stage's keys, weights, target, center
+        lambda found, center: (keys, count, top_k.astype(mass.dtype), center),
+        lambda found, center: (keys, count, min_keep.astype(mass.dtype), center),
+        top_p_stage,
+        typical_mass_stage,
+        typical_count_stage,
     )
-    return KeepRule(threshold, center, t_typ), p_reached, t_p
+    uses = jnp.stack([use_k, use_m, use_p, use_typical, use_typical & use_m])  # [5, B]: rows per stage
+
+    def stage(s, carry):
+        def search():
+            stage_keys, weights, target, center = lax.switch(s, stages, *carry)
+            return jnp.where(uses[s], _largest_threshold(stage_keys, weights, target, vocab), off[s]), center
+
+        def skip():
+            return jnp.full_like(carry[0][s], off[s]), carry[1]
+
+        result, center = lax.cond(jnp.any(uses[s]), search, skip)
+        return carry[0].at[s].set(result), center
+
+    start = (jnp.broadcast_to(off[:, None], (len(stages), keys.shape[0])), jnp.zeros_like(row_max))
+    found, center = lax.fori_loop(0, len(stages), stage, start)
+    _, kept_mass_k, target_p = top_k_mass(found)
+    t_typ = jnp.where(use_typical, jnp.minimum(found[3], found[4]), _MIN_KEY)
+    p_reached = ~use_p | (kept_mass_k >= target_p)
+    return KeepRule(value_threshold(found), center, t_typ), p_reached, found[2]
 
 
 class Truncation(NamedTuple):

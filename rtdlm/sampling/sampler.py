@@ -134,7 +134,11 @@ def draw(keys: jax.Array, weights: jax.Array, vocab: Vocab = LOCAL) -> jax.Array
     vocabulary, the uniform first picks a device by its share of the mass, then a token
     inside that device's block (only per-row sums cross devices).
     """
-    u = jax.vmap(jax.random.uniform)(keys)  # [B]
+    return draw_with_uniforms(jax.vmap(jax.random.uniform)(keys), weights, vocab)
+
+
+def draw_with_uniforms(u: jax.Array, weights: jax.Array, vocab: Vocab = LOCAL) -> jax.Array:
+    """`draw` from [B] uniforms in [0, 1) instead of keys."""
     if not vocab.sharded:
         return _inverse_cdf(u, weights)
     local_vocab = weights.shape[-1]
@@ -169,6 +173,9 @@ def _first_above(cumulative, target, mass):
 def _inverse_cdf(u, weights):
     """[B] uniforms in [0, 1) -> [B] tokens, two-level (see `draw`)."""
     batch, vocab = weights.shape
+    if vocab <= _DRAW_BLOCK:  # one block: a cumulative sum over the row
+        cumulative = jnp.cumsum(weights, axis=-1)
+        return _first_above(cumulative, u * cumulative[:, -1], weights).astype(jnp.int32)
     blocks = -(-vocab // _DRAW_BLOCK)
     padded = jnp.pad(weights, ((0, 0), (0, blocks * _DRAW_BLOCK - vocab)))
     padded = padded.reshape(batch, blocks, _DRAW_BLOCK)
@@ -303,7 +310,7 @@ def sample_truncation(keys: jax.Array, t: Truncation, num_top_tokens: int = 10) 
 
     def from_rows():
         row_weights = t.weights()  # [B, V]
-        token = draw(keys, row_weights, vocab)
+        token = draw_with_uniforms(u, row_weights, vocab)
         is_chosen = vocab.token_ids(local_vocab)[None] == token[:, None]
         chosen = vocab.sum(jnp.where(is_chosen, t.logits - row_max, 0.0))
         whole = (token, jnp.where(t.empty, 0.0, chosen), vocab.sum(row_weights))
