@@ -274,7 +274,9 @@ def step_keys(key, config: SamplingConfig, seeded, batch: int):
     the original config (seed None when `seeded` is False)."""
     if jnp.ndim(config.seed) == 1:
         return row_keys(key, config, batch)
-    return jnp.where(seeded, row_keys(key, config, batch), jax.random.split(key, batch))
+    # row_keys: split(fold_in(key, seed), B) when seeded, else split(key, B); one split.
+    seeded_key = jax.random.fold_in(key, jnp.asarray(config.seed, jnp.uint32))
+    return jax.random.split(jnp.where(seeded, seeded_key, key), batch)
 
 
 def last_prompt_logits(logits, lengths):
@@ -320,27 +322,24 @@ def sample_tokens(
 
     With a `mesh` (axes "model" and optionally "data"), the logits and the state stay split
     over the vocabulary and the sampler runs where they lie (`rtdlm.sampling.sharded`); the
-    logprobs then come from its result (top logprobs and "raw" need the local path).
+    logprobs then come from its result.
     """
     if mesh is not None:
         batch_axis = "data" if "data" in mesh.axis_names else None
         result = sharded_sample(
             mesh, key, logits, config, state=state, batch_axis=batch_axis, processors=processors
         )
-        token = result.token_id
-        if logprobs_mode == "processed" and num_top_logprobs == 0:
-            empty = jnp.zeros((token.shape[0], 0))
-            return Step(token, result.logprob, empty.astype(jnp.int32), empty)
-        # The whole-vocabulary scores are needed: gather them (costly, but only on request).
-        processed = processors.process(logits, config, state)
+        processed = None
     else:
         keys = row_keys(key, config, logits.shape[0]) if keys is None else keys
-        result = sample_with(keys, logits, config, state, processors)
-        token = result.token_id
-        if logprobs_mode == "processed" and num_top_logprobs == 0:
-            empty = jnp.zeros((token.shape[0], 0))
-            return Step(token, result.logprob, empty.astype(jnp.int32), empty)
-        # Top logprobs or "raw" need the whole processed row (only computed on request).
+        result, processed = sample_with(keys, logits, config, state, processors, return_processed=True)
+    token = result.token_id
+    if logprobs_mode == "processed" and num_top_logprobs == 0:
+        empty = jnp.zeros((token.shape[0], 0))
+        return Step(token, result.logprob, empty.astype(jnp.int32), empty)
+    if processed is None and logprobs_mode == "processed":
+        # On a mesh the top logprobs need the whole processed row: gather it (costly, but
+        # only on request).
         processed = processors.process(logits, config, state)
     return Step(token, *record(logits, processed, token, logprobs_mode, num_top_logprobs))
 

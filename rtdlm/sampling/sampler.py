@@ -95,12 +95,12 @@ def process_logits(
         always with the batch axis, also for `[V]` logits).
       processors: a `LogitsProcessor` or plain function (default: `DEFAULT_PROCESSORS`).
     """
-    logits, state, processors, squeeze = _prepare_call(logits, config, token_history, state, processors)
+    logits, state, processors, squeeze = prepare_call(logits, config, token_history, state, processors)
     processed = processors.process(logits, config, state)
     return processed[0] if squeeze else processed
 
 
-def _prepare_call(logits, config, token_history, state, processors):
+def prepare_call(logits, config, token_history, state, processors):
     """Checks the arguments; returns [B, V] float32 logits, the processors' state, the
     processor and whether the logits were [V]."""
     logits, token_history, squeeze = _as_batch(logits, token_history)
@@ -260,29 +260,40 @@ def sample(
       >>> result.token_id.shape, result.probability.dtype  # logits [V]: one token
       ((), dtype('float32'))
     """
-    logits, state, processors, squeeze = _prepare_call(logits, config, token_history, state, processors)
+    logits, state, processors, squeeze = prepare_call(logits, config, token_history, state, processors)
     keys = row_keys(key, config, logits.shape[0])
     result = sample_with(keys, logits, config, state, processors)
     return jax.tree.map(lambda x: x[0], result) if squeeze else result
 
 
 def sample_with(
-    keys: jax.Array, logits: jax.Array, config: SamplingConfig, state: Any, processors
-) -> SamplingResult:
+    keys: jax.Array,
+    logits: jax.Array,
+    config: SamplingConfig,
+    state: Any,
+    processors,
+    *,
+    return_processed: bool = False,
+) -> SamplingResult | tuple[SamplingResult, jax.Array]:
     """Processes `[B, V]` float32 logits with the processors' state and draws with `[B]` keys.
 
     When the processors end with `apply_truncation` (as `DEFAULT_PROCESSORS` do), the
     truncation is applied here: rows whose kept set lies in their candidates draw among
     those (`sample_truncation`) instead of the whole row. With `config.vocab_axis` (inside
-    `shard_map`) the logits are this device's vocabulary block.
+    `shard_map`) the logits are this device's vocabulary block. `return_processed`: also
+    return the processed `[B, V]` logits (what `process_logits` gives), without processing
+    twice.
     """
     processors = as_processor(processors)
     before_truncation = untruncated(processors)
     if before_truncation is None:
         processed = processors.process(logits, config, state)
-        return sample_processed(keys, processed, config.num_top_tokens, config.vocab_axis)
-    truncation = config_truncation(before_truncation(logits, config, state), config)
-    return sample_truncation(keys, truncation, config.num_top_tokens)
+        result = sample_processed(keys, processed, config.num_top_tokens, config.vocab_axis)
+    else:
+        truncation = config_truncation(before_truncation(logits, config, state), config)
+        result = sample_truncation(keys, truncation, config.num_top_tokens)
+        processed = truncation.processed() if return_processed else None
+    return (result, processed) if return_processed else result
 
 
 def sample_truncation(keys: jax.Array, t: Truncation, num_top_tokens: int = 10) -> SamplingResult:
@@ -291,32 +302,42 @@ def sample_truncation(keys: jax.Array, t: Truncation, num_top_tokens: int = 10) 
     A row whose kept set lies in its candidates (`t.inside`; greedy rows: when their maximum
     is a candidate) draws among its C candidates, with no pass over the row; the others (a
     `lax.cond` skips this when there are none) from the whole row. Each row's path depends
-    on its own logits only, and both give its exact distribution. `all_probabilities` and the
-    top tokens are computed only if used (XLA drops them otherwise).
+    on its own logits only, and both give its exact distribution. When the candidates are the
+    whole row (C >= V), every row draws from it. `all_probabilities` and the top tokens are
+    computed only if used (XLA drops them otherwise).
     """
     vocab = t.vocab
     local_vocab = t.logits.shape[-1]
     row_max = t.row_max[:, None]
     u = jax.vmap(jax.random.uniform)(keys)  # [B]
-    weights = jnp.where(t.rule.keep(t.candidates), jnp.exp(t.candidates - row_max), 0.0)  # [B, C]
-    index = _inverse_cdf(u, weights)[:, None]
-    first_max = jnp.min(jnp.where(t.candidates == row_max, t.candidate_ids, vocab.size(local_vocab)), axis=-1)
-    from_candidates = (  # token, its logit - row max, the kept mass
-        jnp.where(t.greedy, first_max, jnp.take_along_axis(t.candidate_ids, index, axis=1)[:, 0]),
-        jnp.where(t.greedy, 0.0, jnp.take_along_axis(t.candidates, index, axis=1)[:, 0] - t.row_max),
-        jnp.where(t.greedy, 1.0, jnp.sum(weights, axis=-1)),
-    )
-    on_candidates = ~t.empty & jnp.where(t.greedy, t.row_max > t.bound, t.inside)  # [B]
 
-    def from_rows():
+    def from_rows():  # token, its logit - row max, the kept mass: drawn from the whole row
         row_weights = t.weights()  # [B, V]
         token = draw_with_uniforms(u, row_weights, vocab)
         is_chosen = vocab.token_ids(local_vocab)[None] == token[:, None]
         chosen = vocab.sum(jnp.where(is_chosen, t.logits - row_max, 0.0))
-        whole = (token, jnp.where(t.empty, 0.0, chosen), vocab.sum(row_weights))
-        return tuple(jnp.where(on_candidates, c, w) for c, w in zip(from_candidates, whole, strict=True))
+        return token, jnp.where(t.empty, 0.0, chosen), vocab.sum(row_weights)
 
-    token, shifted, total = lax.cond(jnp.all(on_candidates), lambda: from_candidates, from_rows)
+    if t.candidates.shape[-1] == local_vocab and not vocab.sharded:  # the candidates are the row
+        token, shifted, total = from_rows()
+    else:
+        weights = jnp.where(t.rule.keep(t.candidates), jnp.exp(t.candidates - row_max), 0.0)  # [B, C]
+        index = _inverse_cdf(u, weights)[:, None]
+        first_max = jnp.min(
+            jnp.where(t.candidates == row_max, t.candidate_ids, vocab.size(local_vocab)), axis=-1
+        )
+        from_candidates = (
+            jnp.where(t.greedy, first_max, jnp.take_along_axis(t.candidate_ids, index, axis=1)[:, 0]),
+            jnp.where(t.greedy, 0.0, jnp.take_along_axis(t.candidates, index, axis=1)[:, 0] - t.row_max),
+            jnp.where(t.greedy, 1.0, jnp.sum(weights, axis=-1)),
+        )
+        on_candidates = ~t.empty & jnp.where(t.greedy, t.row_max > t.bound, t.inside)  # [B]
+
+        def mixed():
+            whole = from_rows()
+            return tuple(jnp.where(on_candidates, c, w) for c, w in zip(from_candidates, whole, strict=True))
+
+        token, shifted, total = lax.cond(jnp.all(on_candidates), lambda: from_candidates, mixed)
     all_weights = t.weights()
     return _result(
         token, shifted, total, all_weights / vocab.sum(all_weights)[:, None], num_top_tokens, vocab

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from rtdlm.sampling.config import SamplingConfig
 from rtdlm.sampling.processors import DEFAULT_PROCESSORS, Processor, as_processor
-from rtdlm.sampling.sampler import SamplingResult, _prepare_call, row_keys, sample_with
+from rtdlm.sampling.sampler import SamplingResult, prepare_call, row_keys, sample_with
 
 
 def config_partition_specs(config: SamplingConfig, batch_axis: str | None) -> SamplingConfig:
@@ -101,7 +101,7 @@ def sharded_sample(
     in_specs = (rows, split, config_partition_specs(config, batch_axis), history_spec, state_specs)
 
     def local(keys, logits, config, token_history, state):
-        logits, state, _, _ = _prepare_call(logits, config, token_history, state, processors)
+        logits, state, _, _ = prepare_call(logits, config, token_history, state, processors)
         return sample_with(keys, logits, config, state, processors)
 
     # check_vma=False: cond branches mix device-varying and replicated values; every output
