@@ -3,8 +3,9 @@
 Each program is lowered and compiled from scratch (`jax.jit(...).lower(...).compile()`,
 in-memory caches cleared first, no persistent cache) and timed beside its baseline from
 the same run; the ratio is what counts on a shared machine:
-  sample           `rtdlm.sampling.sample` (a full config: penalty, top-k, top-p, min-p)
-                   vs `jax.random.categorical`, B in {1, 32}, V in {256, 32000, 128256}
+  sample           `rtdlm.sampling.sample` (a full config: penalty, top-k, top-p, min-p;
+                   a constant, and traced as in the decode loops) vs
+                   `jax.random.categorical`, B in {1, 32}, V in {256, 32000, 128256}
   generate         bundled target, 64 new tokens, vs the same prefill + `lax.scan` loop
                    with argmax instead of the sampler
   speculative      `speculative_generate` (bundled draft, K=4) vs the same argmax loop
@@ -60,12 +61,26 @@ def sampler_rows(shapes, repeats):
         logits = jax.random.normal(jax.random.key(0), (batch, vocab)) * 3
         key = jax.random.key(1)
         ours = compile_seconds(lambda k, x: sample(k, x, FULL).token_id, key, logits, repeats=repeats)
+        # The config as an argument (its values traced, as inside the decode loops): no branch
+        # can be folded away at compile time.
+        traced = compile_seconds(
+            lambda k, x, c: sample(k, x, c).token_id, key, logits, FULL, repeats=repeats
+        )
         base = compile_seconds(lambda k, x: jax.random.categorical(k, x), key, logits, repeats=repeats)
         rows.append(
-            {"batch": batch, "vocab": vocab, "sample_s": ours, "categorical_s": base, "ratio": ours / base}
+            {
+                "batch": batch,
+                "vocab": vocab,
+                "sample_s": ours,
+                "sample_traced_config_s": traced,
+                "categorical_s": base,
+                "ratio": ours / base,
+                "traced_config_ratio": traced / base,
+            }
         )
         print(
-            f"sample B={batch} V={vocab}: {ours:.2f} s vs categorical {base:.2f} s ({ours / base:.1f}x)",
+            f"sample B={batch} V={vocab}: {ours:.2f} s (traced config {traced:.2f} s) vs categorical "
+            f"{base:.2f} s ({ours / base:.1f}x, {traced / base:.1f}x)",
             flush=True,
         )
     return rows

@@ -40,6 +40,7 @@ from benchmarks._timing import (  # noqa: E402
     write_json,
 )
 from rtdlm.decoding import generate  # noqa: E402
+from rtdlm.decoding.common import emit_accepted  # noqa: E402
 from rtdlm.models import create_model, encode, load_model  # noqa: E402
 from rtdlm.sampling import (  # noqa: E402
     DEFAULT_PROCESSORS,
@@ -203,7 +204,47 @@ def bench_output_cost(model, batch, max_new_tokens, repeats):
         print(
             f"B={batch}: {name}: step time x{extra['ratio']:.3f} (fastest calls x{extra['ratio_of_min']:.3f})"
         )
+    row["stop_check"] = check = stop_check_cost(batch, max_new_tokens, repeats)
+    check["fraction_of_default_step"] = check["stop_sequences_us_per_step"] / row["default"]["us_per_step"]
+    print(
+        f"B={batch}: 4 stop sequences add {check['stop_sequences_us_per_step']:.1f} us to a "
+        f"{row['default']['us_per_step']:.0f} us step ({100 * check['fraction_of_default_step']:.2f}%)"
+    )
     return row
+
+
+def stop_check_cost(batch, steps, repeats):
+    """The stop-sequence check alone: `emit_accepted` (what each decode step runs to write its
+    token) over `steps` tokens with and without 4 stop sequences of 4 tokens per row, in one
+    compiled scan each. The difference per step is what stop sequences add to a step, too
+    small to resolve in whole-generation timings on a noisy machine."""
+    stop_ids = jnp.full((batch, 1), -1, jnp.int32)
+    sequences = jnp.asarray(np.tile(np.array([[250, 251, 252, 253 - i] for i in range(4)]), (batch, 1, 1)))
+    no_drafts, zeros = jnp.zeros((batch, 0), jnp.int32), jnp.zeros(batch, jnp.int32)
+
+    def program(stop_sequences):
+        @jax.jit
+        def run(tokens):
+            def step(carry, t):
+                tokens, emitted, done, last = carry
+                token = (t * 7 + jnp.arange(batch)) % 250  # [B], never a stop
+                out = emit_accepted(
+                    tokens, emitted, last, done, no_drafts, zeros, token, stop_ids, 0, stop_sequences
+                )
+                return (out.tokens, emitted + out.count, out.done, out.last), None
+
+            return jax.lax.scan(step, (tokens, zeros, zeros.astype(bool), zeros), jnp.arange(steps))[0][0]
+
+        tokens = jnp.zeros((batch, steps), jnp.int32)
+        return lambda: run(tokens)
+
+    seconds = time_interleaved({"without": program(None), "with": program(sequences)}, repeats=repeats)
+    without, with_stops = (summarize(seconds[name], steps) for name in ("without", "with"))
+    return {
+        "emit_us_per_step_without_stop_sequences": without["us_per_step"],
+        "emit_us_per_step_with_4_stop_sequences": with_stops["us_per_step"],
+        "stop_sequences_us_per_step": with_stops["us_per_step"] - without["us_per_step"],
+    }
 
 
 def synthetic_model(model_config, vocab, logit_std):
@@ -299,8 +340,20 @@ def main(argv=None):
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--only-output-cost",
+        action="store_true",
+        help="only the cost of logprobs, top logprobs and stop sequences (B=16, bundled model)",
+    )
     add_output_arguments(parser)
     args = parser.parse_args(argv)
+    if args.only_output_cost:
+        outputs = bench_output_cost(load_model("target"), 16, max_new_tokens=128, repeats=args.repeats)
+        env = environment()
+        out = output_path(args, f"output-cost-{env['device_slug']}-b16.json")
+        write_json(out, {"environment": env, "output_cost": outputs})
+        print(f"wrote {out}")
+        return
 
     synthetic = dict(d_model=512, num_layers=6, num_heads=8, mlp_dim=1408, attention_window=None)
     if args.quick:
