@@ -1,10 +1,11 @@
-"""`generate()`: prefill in one forward pass, then one compiled `lax.scan` over new tokens.
+"""`generate()`: prefill in one forward pass, then one compiled loop over new tokens.
 
 Compiled once per length bucket: the prompt is right-padded to the next power of two
 (from 16) and the output buffers get the next power of two >= `max_new_tokens`, which is
-a traced per-row limit. The scan runs chunks of 8 steps, and the chunks after every row
-is done skip the model, so a bucket costs slack in the buffers and the KV cache (about 6%
-at 100 new tokens, B=16, on the bundled model) and at most 7 steps, not a bucket's worth.
+a traced per-row limit. The steps run in `lax.scan` chunks of 8 inside a `lax.while_loop`
+that ends once every row is done, so a bucket costs slack in the buffers and the KV cache
+(about 6% at 100 new tokens, B=16, on the bundled model) and at most 7 steps, not a
+bucket's worth. The loop carries one KV cache, updated in place.
 A stream callback is called through one module-level dispatcher, so any function streams
 with the same program. Seeds (None or a value) and logit_bias / banned_token_ids lists of
 any length do not recompile either (`stable_structure`).
@@ -330,13 +331,16 @@ def _generate(
 
     chunk = math.gcd(max_new_tokens, STEPS_PER_CHECK)
 
-    def chunk_of_steps(s: DecodeState, _):
-        # Once every row is done (by its limit at the latest), the rest of the bucket skips
-        # the model, checked every `chunk` steps: a check per step would cost more.
-        steps = lambda s: jax.lax.scan(lambda s, _: (step(s), None), s, length=chunk)[0]
-        return jax.lax.cond(jnp.all(s.done), lambda s: s, steps, s), None
+    def more_steps(s: DecodeState):
+        # Once every row is done (by its limit at the latest), the rest of the bucket is
+        # skipped, checked every `chunk` steps: a check per step would cost more. A while
+        # loop, not a cond in a scan: a cond's skip branch would copy the KV cache.
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-    final = jax.lax.scan(chunk_of_steps, init, length=max_new_tokens // chunk)[0]
+    def chunk_of_steps(s: DecodeState):
+        return jax.lax.scan(lambda s, _: (step(s), None), s, length=chunk)[0]
+
+    final = jax.lax.while_loop(more_steps, chunk_of_steps, init)
     if streams:
         jax.debug.callback(_end_stream, stream_id, ordered=True)
     return outputs(final, num_top_logprobs)
