@@ -18,7 +18,7 @@ from markov_reference import (
 
 from rtdlm.decoding import GenerationOutput, LinenModel, generate
 from rtdlm.decoding import loop as loop_module
-from rtdlm.decoding.testing import MarkovModel, random_markov_model
+from rtdlm.decoding.testing import MarkovModel, WideCacheModel, random_markov_model
 from rtdlm.sampling import SamplingConfig, probabilities, process_logits, token_counts
 
 VOCAB = 8
@@ -251,25 +251,6 @@ def test_compiled_once_across_configs(model):
     # New model weights (traced arguments) do not recompile either.
     run_small(random_markov_model(VOCAB, seed=9))
     assert loop_module._generate._cache_size() == size
-
-
-@struct.dataclass
-class WideCacheModel:
-    """The Markov fake with a float cache as large as a real model's: [B, L, 1024]."""
-
-    inner: MarkovModel
-    vocab_size: int = struct.field(pytree_node=False, default=VOCAB)
-
-    def init_cache(self, batch_size, max_length):
-        return self.inner.init_cache(batch_size, max_length), jnp.zeros((batch_size, max_length, 1024))
-
-    def __call__(self, tokens, positions, cache):
-        tokens_cache, wide = cache
-        logits, tokens_cache = self.inner(tokens, positions, tokens_cache)
-        rows = jnp.arange(tokens.shape[0])[:, None]
-        wide = wide.at[rows, positions, 0].set(tokens, mode="drop")
-        zeros = wide[rows, positions, 1:2]  # never written: read so that the cache is live
-        return logits + zeros, (tokens_cache, wide)
 
 
 def test_decode_loop_holds_one_kv_cache(model):

@@ -5,6 +5,8 @@ rows with and without matches, EOS and max_new_tokens inside a round, compilatio
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,10 @@ from markov_reference import check_eos_rows, chisquare_pvalue, greedy_chain, mar
 
 from rtdlm.decoding import generate, prompt_lookup_generate
 from rtdlm.decoding import speculative as speculative_module
-from rtdlm.decoding.prompt_lookup import NO_DRAFT, context_tokens, lookup_drafts
-from rtdlm.decoding.testing import random_markov_model
+from rtdlm.decoding.common import cond_in_place
+from rtdlm.decoding.prompt_lookup import NO_DRAFT, PromptLookup, context_tokens, lookup_drafts
+from rtdlm.decoding.speculative import Round
+from rtdlm.decoding.testing import WideCacheModel, random_markov_model
 from rtdlm.sampling import SamplingConfig
 
 VOCAB = 8
@@ -257,6 +261,76 @@ def test_rows_with_and_without_matches(target):
     assert accepted[0] == drafted[0]  # the copy row: every draft accepted
     assert drafted[0] == k * -(-(n - 1) // (k + 1))  # ... so it needs the fewest rounds
     assert accepted[1] < drafted[1]  # the fresh row missed at least once
+
+
+def test_one_token_matches_skip_the_verify_pass(target):
+    """A round where no row matched two or more tokens feeds only the last token: no
+    drafts are proposed (so none can be accepted), and the loop carries one cache."""
+    round_of = lambda context: Round(
+        last=jnp.asarray(context[:, -1]),
+        position=jnp.full((1,), context.shape[1] - 1, jnp.int32),
+        processor_state=(),
+        prompt=jnp.asarray(context),
+        prompt_lengths=jnp.full((1,), context.shape[1], jnp.int32),
+        tokens=jnp.zeros((1, 4), jnp.int32),
+        emitted=jnp.zeros((1,), jnp.int32),
+    )
+    lookup, config = PromptLookup(ngram_size=3), SamplingConfig(temperature=0.0)
+    propose = lambda context: lookup.propose(target, None, round_of(context), None, _NoState(), config, 3)
+    one_token = propose(np.array([[4, 6, 2, 4]], np.int32))  # only "4" recurs
+    assert np.all(np.asarray(one_token.drafts) == NO_DRAFT) and not bool(one_token.saved[1])
+    two_tokens = propose(np.array([[4, 6, 2, 4, 6]], np.int32))  # "4 6" recurs: drafts "2 4 6"
+    np.testing.assert_array_equal(np.asarray(two_tokens.drafts), [[2, 4, 6]])
+    assert bool(two_tokens.saved[1])
+
+
+class _NoState:
+    """A processor chain without state (propose only advances it)."""
+
+    def update(self, state, tokens, active, config):
+        return state
+
+
+def test_cond_in_place_equals_cond_without_a_copy():
+    shape = (256, 1024)  # 1 MiB: the "cache"
+
+    def branches(fun, pred, x, cache):
+        add = lambda o: (o[0] + 1, o[1].at[0].set(o[0]))
+        double = lambda o: (o[0] * 2, o[1].at[1].set(-o[0]))
+        return fun(pred, add, double, (x, cache))
+
+    for pred in (True, False):
+        want = jax.jit(functools.partial(branches, jax.lax.cond))(pred, 3.0, jnp.ones(shape))
+        got = jax.jit(functools.partial(branches, cond_in_place))(pred, 3.0, jnp.ones(shape))
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+
+    def loop(fun):  # a cache made and carried inside the program, as in the decoders
+        def run(x):
+            step = lambda carry, i: (branches(fun, i % 3 == 0, *carry), None)
+            x, cache = jax.lax.scan(step, (x, jnp.zeros(shape)), jnp.arange(6))[0]
+            return x, jnp.sum(cache, axis=1)
+
+        return jax.jit(run)
+
+    jax.tree.map(np.testing.assert_array_equal, loop(cond_in_place)(3.0), loop(jax.lax.cond)(3.0))
+
+
+def test_the_loop_holds_one_kv_cache(target):
+    """The verify pass's choice of width updates the cache in place (with lax.cond in its
+    place, this program's temporary memory is 2x the cache)."""
+    wide = WideCacheModel(target)
+
+    def run(model, prompt):
+        config = SamplingConfig(temperature=0.0)
+        return prompt_lookup_generate(model, prompt, key=jax.random.key(0), config=config, max_new_tokens=40)
+
+    prompt = jnp.asarray(np.tile(PROMPT, (8, 1)))
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(wide.init_cache(8, 16 + 64 + 4)))
+    compiled = jax.jit(lambda m, p: run(m, p).tokens).lower(wide, prompt).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 1.25 * cache_bytes
+    np.testing.assert_array_equal(
+        np.asarray(run(wide, prompt).tokens), np.asarray(run(target, prompt).tokens)
+    )
 
 
 def test_max_new_tokens_inside_a_round(target):

@@ -279,6 +279,19 @@ def step_keys(key, config: SamplingConfig, seeded, batch: int):
     return jax.random.split(jnp.where(seeded, seeded_key, key), batch)
 
 
+def cond_in_place(pred, true_fun, false_fun, operand):
+    """`lax.cond(pred, true_fun, false_fun, operand)` for branches that update a large
+    operand (a KV cache) and return a value of its structure. Each branch is a
+    `lax.while_loop` of at most one iteration, whose carry XLA updates in place; a
+    conditional instead keeps a copy of its operand (measured on the bundled model's cache
+    in a decode loop: 2x its memory, and a cache-sized copy per call)."""
+
+    def at_most_once(fun, run, x):
+        return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros((), bool), fun(c[1])), (run, x))[1]
+
+    return at_most_once(false_fun, ~pred, at_most_once(true_fun, pred, operand))
+
+
 def last_prompt_logits(logits, lengths):
     """[B, P, V] prefill logits -> [B, V] float32 at each row's last real prompt token."""
     return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)

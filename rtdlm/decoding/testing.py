@@ -38,6 +38,29 @@ class MarkovModel:
         return table[tokens], cache  # [B, T, V]
 
 
+@struct.dataclass
+class WideCacheModel:
+    """A MarkovModel with a float cache as large as a real model's, [B, max_length, 1024],
+    written and read at every call: shows whether a decode loop copies its cache."""
+
+    inner: MarkovModel
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.vocab_size
+
+    def init_cache(self, batch_size: int, max_length: int):
+        return self.inner.init_cache(batch_size, max_length), jnp.zeros((batch_size, max_length, 1024))
+
+    def __call__(self, tokens, positions, cache):
+        tokens_cache, wide = cache
+        logits, tokens_cache = self.inner(tokens, positions, tokens_cache)
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        wide = wide.at[rows, positions, 0].set(tokens, mode="drop")
+        zeros = wide[rows, positions, 1:2]  # never written: read so that the cache is live
+        return logits + zeros, (tokens_cache, wide)
+
+
 def random_markov_model(
     vocab_size: int, seed: int = 0, scale: float = 2.0, num_layers: int = 1
 ) -> MarkovModel:
