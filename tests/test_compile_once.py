@@ -42,6 +42,9 @@ def compiles(fn) -> int:
 
 def test_buckets():
     assert [length_bucket(n) for n in (1, 16, 17, 32, 33, 100, 1000)] == [16, 16, 32, 32, 64, 128, 1024]
+    # Above 256, also 3/4 of each power of two: a long prompt pads by at most a third.
+    long = (256, 257, 384, 385, 512, 513, 769)
+    assert [length_bucket(n) for n in long] == [256, 384, 384, 512, 512, 768, 1024]
     assert bucketed_widths(5, 10, None) == (16, 16)
     assert bucketed_widths(5, 10, 40) == (16, 16)
     assert bucketed_widths(20, 5, 40) == (32, 8)  # the output bucket shrinks to fit
