@@ -10,7 +10,11 @@ interleaved (round robin, order rotated each round, medians and their ratios):
   and with `cache_implementation="static"`;
 - speculative decoding (greedy, K draft tokens): rtdlm `speculative_generate` vs
   transformers assisted generation (`assistant_model=`, `num_assistant_tokens=K`, batch 1,
-  the only batch it supports); rtdlm also at B=16.
+  the only batch it supports); rtdlm also at B=16;
+- prompt lookup (greedy, K drafts from n-grams of up to 3 tokens) on copy-heavy prompts:
+  rtdlm `prompt_lookup_generate` vs transformers `prompt_lookup_num_tokens=K`
+  (`max_matching_ngram_size=3`, batch 1), each beside its own `generate`; rtdlm also at
+  B=16.
 
 Every row generates exactly `max_new_tokens` tokens (no EOS), prefill included; rtdlm's
 compilation and one warm-up call of each program are excluded. Torch runs with its default
@@ -42,7 +46,8 @@ from benchmarks._timing import (  # noqa: E402
     time_interleaved,
     write_json,
 )
-from rtdlm.decoding import generate, speculative_generate  # noqa: E402
+from benchmarks.speculative import COPY_PROMPTS, prompt_batch  # noqa: E402
+from rtdlm.decoding import generate, prompt_lookup_generate, speculative_generate  # noqa: E402
 from rtdlm.models import encode, load_model  # noqa: E402
 from rtdlm.sampling import SamplingConfig  # noqa: E402
 
@@ -53,29 +58,33 @@ HF_SAMPLING = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
 HF_GREEDY = dict(do_sample=False)
 
 
-def to_transformers(model):
-    """An rtdlm `Transformer` -> an equal `transformers.LlamaForCausalLM` (float32, eval mode).
+def to_transformers(model, windowed: bool = False):
+    """An rtdlm `Transformer` -> an equal `transformers.LlamaForCausalLM` (float32, eval mode),
+    equal up to `attention_window` positions; `windowed`: a `MistralForCausalLM` with the
+    same sliding window, equal at any length (the same weights).
 
     The inverse of `rtdlm.models.pretrained._params`: the fused q|k|v and gate|up kernels
     are split, and [in, out] kernels transposed to torch's [out, in].
     """
     import torch
     from flax import nnx
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     c = model.config
     if c.mlp_type != "swiglu" or c.qkv_bias:
         raise ValueError(f"only SwiGLU models without q/k/v biases convert to Llama, got {c}")
     head_dim = c.head_dim or c.d_model // c.num_heads
     kv_heads = c.num_kv_heads or c.num_heads
-    hf_config = LlamaConfig(
+    shared = dict(
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.mlp_dim,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=kv_heads,
         head_dim=head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_base,
-        # rtdlm's sliding window of attention_window positions is full attention up to there.
-        max_position_embeddings=c.attention_window or c.max_length or 4096,
         tie_word_embeddings=c.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=0,
     )
+    if windowed:
+        hf_config = MistralConfig(sliding_window=c.attention_window, max_position_embeddings=4096, **shared)
+    else:  # rtdlm's sliding window of attention_window positions is full attention up to there
+        hf_config = LlamaConfig(max_position_embeddings=c.attention_window or c.max_length or 4096, **shared)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     t = lambda x: torch.tensor(np.asarray(x, np.float32))
     q_out, kv_out = c.num_heads * head_dim, kv_heads * head_dim
@@ -98,7 +107,7 @@ def to_transformers(model):
             p + "mlp.up_proj.weight": up[:, c.mlp_dim:].T,
             p + "mlp.down_proj.weight": t(block["mlp"]["down"]["kernel"]).T,
         })
-    hf = LlamaForCausalLM(hf_config).eval()
+    hf = (MistralForCausalLM if windowed else LlamaForCausalLM)(hf_config).eval()
     missing, unexpected = hf.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not (c.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -205,6 +214,42 @@ def bench_speculative(target, draft, hf_target, hf_draft, k, max_new_tokens, rep
     return rows
 
 
+def bench_prompt_lookup(target, hf_target, k, max_new_tokens, repeats, batches, prompts):
+    """Per copy-heavy prompt at B=1 (transformers' prompt lookup runs batch 1 only), then all
+    the copy-heavy prompts as one batch per larger B (rtdlm only)."""
+    rows = []
+    common = dict(key=jax.random.key(0), config=GREEDY, max_new_tokens=max_new_tokens)
+    cases = [(1, encode(text)[None], None, i) for i, text in enumerate(prompts)]
+    cases += [(b, *prompt_batch(b, COPY_PROMPTS), None) for b in batches if b > 1]
+    for batch, prompt, lengths, index in cases:
+        programs = {
+            "rtdlm_lookup": lambda prompt=prompt, lengths=lengths: prompt_lookup_generate(
+                target, prompt, prompt_lengths=lengths, num_speculative_tokens=k, ngram_size=3, **common
+            ).tokens,
+            "rtdlm_generate": lambda prompt=prompt, lengths=lengths: generate(
+                target, prompt, prompt_lengths=lengths, **common
+            ).tokens,
+        }
+        if batch == 1:
+            programs["transformers_lookup"] = hf_generate(
+                hf_target, prompt, max_new_tokens, prompt_lookup_num_tokens=k, max_matching_ngram_size=3,
+                **HF_GREEDY)
+            programs["transformers_dynamic"] = hf_generate(hf_target, prompt, max_new_tokens, **HF_GREEDY)
+        row = compare(programs, batch * max_new_tokens, repeats, baseline="rtdlm_lookup")
+        row.update(batch=batch, K=k, mode="greedy", new_tokens=max_new_tokens,
+                   prompt_tokens=int(prompt.shape[1]), copy_prompt=index)
+        line = f"prompt lookup B={batch} K={k}: rtdlm {row['rtdlm_lookup']['tokens_per_s']:.0f} tok/s"
+        line += f", x{row['rtdlm_lookup_over_rtdlm_generate']['ratio']:.2f} rtdlm generate"
+        if batch == 1:  # and each library's prompt lookup over its own generate
+            theirs = row["transformers_lookup"]["tokens_per_s"] / row["transformers_dynamic"]["tokens_per_s"]
+            row["transformers_lookup_over_transformers_dynamic"] = {"ratio": theirs}
+            line += f", x{row['rtdlm_lookup_over_transformers_lookup']['ratio']:.2f} transformers prompt"
+            line += f" lookup (which is x{theirs:.2f} its generate)"
+        rows.append(row)
+        print(line, flush=True)
+    return rows
+
+
 def plot(payload, path):
     try:
         import matplotlib
@@ -223,6 +268,10 @@ def plot(payload, path):
         if "rtdlm_speculative_over_transformers_assisted" in row:
             labels.append(f"spec B=1 K={row['K']}\nvs assisted")
             values.append(row["rtdlm_speculative_over_transformers_assisted"]["ratio"])
+    for row in payload.get("prompt_lookup", []):
+        if "rtdlm_lookup_over_transformers_lookup" in row:
+            labels.append(f"lookup B=1 #{row['copy_prompt']}\nvs theirs")
+            values.append(row["rtdlm_lookup_over_transformers_lookup"]["ratio"])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(values)), 4))
     ax.bar(range(len(values)), values, color="tab:blue")
     ax.axhline(1.0, color="gray", lw=1, ls="--")
@@ -253,8 +302,12 @@ def main(argv=None):
     hf_target, hf_draft = to_transformers(target), to_transformers(draft)
     differences = {"target": max_logit_difference(target, hf_target),
                    "draft": max_logit_difference(draft, hf_draft)}
+    # The copy-heavy prompts run past the window: compared with the windowed (Mistral) twin.
+    hf_windowed = to_transformers(target, windowed=True)
+    differences["target_windowed"] = max_logit_difference(target, hf_windowed, lengths=(17, 300, 420))
     print(f"max |logit difference| rtdlm vs transformers: {differences}", flush=True)
-    if max(differences.values()) > 1e-4:
+    # Past the window, float32 round-off grows with the positions (1.9e-4 at 300, 2.5e-4 at 420).
+    if max(differences["target"], differences["draft"]) > 1e-4 or differences["target_windowed"] > 1e-3:
         raise SystemExit(f"the converted models disagree: {differences}")
     new_tokens, repeats = (8, 1) if args.quick else (args.max_new_tokens, args.repeats)
     batches = (1, 2) if args.quick else (1, 16)
@@ -270,6 +323,8 @@ def main(argv=None):
         "generate": bench_generate(target, hf_target, batches, new_tokens, repeats),
         "speculative": bench_speculative(target, draft, hf_target, hf_draft, args.k, new_tokens, repeats,
                                          batches),
+        "prompt_lookup": bench_prompt_lookup(target, hf_windowed, args.k, new_tokens, repeats, batches,
+                                             prompts=COPY_PROMPTS[: 1 if args.quick else 2]),
         "load_average_after": load_average(),
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -2,13 +2,13 @@
 
 Compiled once per length bucket (`common.length_bucket`: powers of two from 16, and
 above 256 also 3/4 of each): the prompt is right-padded to its bucket and the output
-buffers get the bucket of `max_new_tokens`, which is a traced per-row limit. The steps run in `lax.scan` chunks of 8 inside a `lax.while_loop`
-that ends once every row is done, so a bucket costs slack in the buffers and the KV cache
-(about 6% at 100 new tokens, B=16, on the bundled model) and at most 7 steps, not a
-bucket's worth. The loop carries one KV cache, updated in place.
-A stream callback is called through one module-level dispatcher, so any function streams
-with the same program. Seeds (None or a value) and logit_bias / banned_token_ids lists of
-any length do not recompile either (`stable_structure`).
+buffers get the bucket of `max_new_tokens`, which is a traced per-row limit. The steps
+run in `lax.scan` chunks of 8 inside a `lax.while_loop` that ends once every row is done,
+so a bucket costs slack in the buffers and the KV cache (about 6% at 100 new tokens, B=16,
+on the bundled model) and at most 7 steps, not a bucket's worth. The loop carries one KV
+cache, updated in place. A stream callback is called through one module-level dispatcher,
+so any function streams with the same program. Seeds (None or a value) and logit_bias /
+banned_token_ids lists of any length do not recompile either (`stable_structure`).
 """
 
 from __future__ import annotations
