@@ -19,7 +19,7 @@ from rtdlm.decoding.common import cond_in_place
 from rtdlm.decoding.prompt_lookup import NO_DRAFT, PromptLookup, context_tokens, lookup_drafts
 from rtdlm.decoding.speculative import Round
 from rtdlm.decoding.testing import WideCacheModel, random_markov_model
-from rtdlm.sampling import SamplingConfig
+from rtdlm.sampling import SamplingConfig, chain
 
 VOCAB = 8
 # Repeated 1-, 2- and 3-grams: the first rounds find matches of every length, and misses.
@@ -264,8 +264,8 @@ def test_rows_with_and_without_matches(target):
 
 
 def test_one_token_matches_skip_the_verify_pass(target):
-    """A round where no row matched two or more tokens feeds only the last token: no
-    drafts are proposed (so none can be accepted), and the loop carries one cache."""
+    """A round where no row matched two or more tokens proposes no drafts (so none can be
+    accepted) and tells the verify pass to feed only the last token."""
     round_of = lambda context: Round(
         last=jnp.asarray(context[:, -1]),
         position=jnp.full((1,), context.shape[1] - 1, jnp.int32),
@@ -276,19 +276,12 @@ def test_one_token_matches_skip_the_verify_pass(target):
         emitted=jnp.zeros((1,), jnp.int32),
     )
     lookup, config = PromptLookup(ngram_size=3), SamplingConfig(temperature=0.0)
-    propose = lambda context: lookup.propose(target, None, round_of(context), None, _NoState(), config, 3)
+    propose = lambda context: lookup.propose(target, None, round_of(context), None, chain(), config, 3)
     one_token = propose(np.array([[4, 6, 2, 4]], np.int32))  # only "4" recurs
     assert np.all(np.asarray(one_token.drafts) == NO_DRAFT) and not bool(one_token.saved[1])
     two_tokens = propose(np.array([[4, 6, 2, 4, 6]], np.int32))  # "4 6" recurs: drafts "2 4 6"
     np.testing.assert_array_equal(np.asarray(two_tokens.drafts), [[2, 4, 6]])
     assert bool(two_tokens.saved[1])
-
-
-class _NoState:
-    """A processor chain without state (propose only advances it)."""
-
-    def update(self, state, tokens, active, config):
-        return state
 
 
 def test_cond_in_place_equals_cond_without_a_copy():
