@@ -21,14 +21,17 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# The whole suite (what CI runs), with the 15 slowest tests listed at the end.
+# The whole suite (what CI runs), with the 15 slowest tests listed at the end. The tests
+# are compile-bound and XLA compiles on one core, so they run in one worker per core (at
+# most 4: each holds up to ~4 GB), a test file per worker (its tests share compiled programs).
+PYTEST_WORKERS := -n auto --maxprocesses=4 --dist loadfile
 test: lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q $(PYTEST_WORKERS) --durations=15
 
 # Everything but the long statistical, multi-device, benchmark and end-to-end runs
 # (`@pytest.mark.slow`).
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow" --durations=10
+	$(PY) -m pytest -q $(PYTEST_WORKERS) -m "not slow" --durations=10
 
 # The dependency floors of pyproject.toml: the fast subset against the oldest JAX and Flax
 # it declares, in a throwaway virtualenv (the other dependencies at their newest).

@@ -129,7 +129,7 @@ def test_per_row_mixed_configs_follow_the_reference(mixed_draws, row, record_pro
     assert counts[row].sum() == DRAWS
     assert reference.margin[row] > 1e-4  # the reference's kept set is not borderline
     p_value = chi_square(counts[row], reference.probabilities[row])
-    record_property("chi2_p_value", p_value)
+    record_property("chi2_p_value", float(p_value))
     print(f"row {row}: chi-square p = {p_value:.4g}")
     assert p_value > ALPHA
 
@@ -162,7 +162,7 @@ def test_large_vocabulary_unbatched_logits(record_property):
     assert reference.margin > 1e-4
     assert (reference.probabilities > 0).sum() > 300  # the kept set spans several 256-blocks
     p_value = chi_square(np.bincount(tokens, minlength=vocab), reference.probabilities)
-    record_property("chi2_p_value", p_value)
+    record_property("chi2_p_value", float(p_value))
     print(f"V=1000 top-p: chi-square p = {p_value:.4g}")
     assert p_value > ALPHA
 
@@ -189,7 +189,7 @@ def test_truncated_chain_with_two_million_draws(chain_draws, record_property):
     assert counts.sum() == CHAIN_DRAWS
     assert (reference.probabilities > 0).sum() == 7
     p_value = chi_square(counts, reference.probabilities)
-    record_property("chi2_p_value", p_value)
+    record_property("chi2_p_value", float(p_value))
     print(f"top-k+top-p+min-p, 2e6 draws: chi-square p = {p_value:.4g}")
     assert p_value > ALPHA
 
