@@ -154,8 +154,19 @@ FALLBACK_CASES = [
 def test_fallback_is_taken_and_exact(name, scales, params, num_candidates):
     logits = wide_rows(scales, seed=len(name))
     out, widths = run(logits, num_candidates, **params)
-    assert widths[0] == num_candidates and WIDE in widths, widths
+    assert widths[-2:] == [num_candidates, WIDE], widths  # all C candidates, then the whole row
     assert_same_kept_set(out, reference(logits, **params))
+
+
+def test_the_narrow_candidate_set_comes_first_on_wide_rows():
+    # 1000 logits = 63 blocks of 16 >= 4 C for C = 8: the C/2 = 4 candidates are tried first.
+    logits = wide_rows([3.0] * 4, seed=5)
+    out, widths = run(logits, 8, top_k=3)
+    assert widths == [4], widths  # top-3 is proven by 4 candidates: no wider search
+    assert_same_kept_set(out, reference(logits, top_k=3))
+    out, widths = run(logits, 8, top_k=[3, 6, 1, 2])  # one row needs more than 4
+    assert widths == [4, 8], widths
+    assert_same_kept_set(out, reference(logits, top_k=[3, 6, 1, 2]))
 
 
 def test_ties_straddling_the_last_candidate():

@@ -12,8 +12,9 @@ which every logit is a candidate. A threshold computed on the candidates is the 
 when it lies above the bound (and, for top-k, top-p's crossing and min-p, also at it:
 `_candidate_rule`); ties of the bound's value outside the candidates (common with
 bfloat16-valued logits) matter only below it. Otherwise (`lax.cond`, whole batch) the same
-searches run on the full vocabulary. Where the kept set lies inside the candidates, a
-sampler can draw among them (`Truncation`, `sampler.sample_truncation`).
+searches run on the full vocabulary. On wide rows the candidates are first only C/2
+(`_exact_candidate_rule`), then all C where some row needs more. Where the kept set lies
+inside the candidates, a sampler can draw among them (`Truncation`, `sampler.sample_truncation`).
 
 Tie rule: tokens whose logit equals the threshold are all kept (top-k keeps ties with the
 k-th value, top-p keeps ties with the crossing token); HF transformers breaks such ties by
@@ -402,17 +403,37 @@ def _candidates(z, num_candidates, shards=LOCAL):
 
 def _exact_candidate_rule(z, row_max, params, num_candidates, shards=LOCAL):
     """The rule from the candidates where they prove it, else (`lax.cond`, whole batch) from
-    the whole row: (rule, candidates, their ids, bound, inside) as in `Truncation`."""
+    the whole row: (rule, candidates, their ids, bound, inside) as in `Truncation`.
+
+    On wide local rows the candidates come in two widths: first C/2 (`lax.top_k`'s cost on
+    XLA:CPU grows with k: the C/2 search costs about half), then, only when some row's rule
+    is not proven by those, all C. The narrow set is padded to C with -inf (ids >= V)."""
     total_mass = _total_mass(z, row_max, params, shards)
-    rule, exact, inside, values, ids, bound = _candidate_rule(
-        z, row_max, total_mass, params, num_candidates, shards
-    )
+
+    def at_width(width):
+        rule, exact, inside, values, ids, bound = _candidate_rule(
+            z, row_max, total_mass, params, width, shards
+        )
+        pad = ((0, 0), (0, num_candidates - values.shape[-1]))
+        values = jnp.pad(values, pad, constant_values=-jnp.inf)
+        ids = jnp.pad(ids, pad, constant_values=shards.size(z.shape[-1]))
+        return (rule, values, ids, bound, inside), exact
+
+    narrow = num_candidates // 2
+    if shards.sharded or -(-z.shape[-1] // _CANDIDATE_BLOCK) < 4 * num_candidates or narrow < 1:
+        rule, exact, inside, values, ids, bound = _candidate_rule(
+            z, row_max, total_mass, params, num_candidates, shards
+        )
+        found = (rule, values, ids, bound, inside)
+    else:
+        found, exact = at_width(narrow)
+        found, exact = lax.cond(jnp.all(exact), lambda: (found, exact), lambda: at_width(num_candidates))
     rule = lax.cond(
         jnp.all(exact),
-        lambda: rule,
+        lambda: found[0],
         lambda: _keep_rule(z, row_max, total_mass, *_rule_params(row_max, *params), shards)[0],
     )
-    return rule, values, ids, bound, inside
+    return (rule, *found[1:])
 
 
 def _candidate_rule(z, row_max, total_mass, params, num_candidates, shards=LOCAL):
