@@ -364,6 +364,11 @@ def _rule_params(row_max, top_k, top_p, min_p, typical_p, min_keep):
 _CANDIDATE_BLOCK = 16  # the candidate search first picks the blocks of 16 logits with the largest maxima
 
 
+def _two_level(local_vocab: int, width: int) -> bool:
+    """Whether `_candidates` searches blocks first: rows of at least 4 C blocks."""
+    return -(-local_vocab // _CANDIDATE_BLOCK) >= 4 * width
+
+
 def _candidates(z, num_candidates, shards=LOCAL):
     """Each row's C largest logits, exactly, without running `lax.top_k` over the row.
 
@@ -377,7 +382,7 @@ def _candidates(z, num_candidates, shards=LOCAL):
     local_vocab = z.shape[-1]
     width = min(num_candidates, local_vocab)
     blocks = -(-local_vocab // _CANDIDATE_BLOCK)
-    if blocks < 4 * width:  # a narrow row: one top-k over it costs about as much
+    if not _two_level(local_vocab, width):  # a narrow row: one top-k over it costs about as much
         values, ids = lax.top_k(z, width)
         bound = jnp.min(values, axis=-1)  # == values[:, -1]; a slice would stop XLA:CPU's TopK kernel
     else:
@@ -420,11 +425,8 @@ def _exact_candidate_rule(z, row_max, params, num_candidates, shards=LOCAL):
         return (rule, values, ids, bound, inside), exact
 
     narrow = num_candidates // 2
-    if shards.sharded or -(-z.shape[-1] // _CANDIDATE_BLOCK) < 4 * num_candidates or narrow < 1:
-        rule, exact, inside, values, ids, bound = _candidate_rule(
-            z, row_max, total_mass, params, num_candidates, shards
-        )
-        found = (rule, values, ids, bound, inside)
+    if shards.sharded or not _two_level(z.shape[-1], num_candidates) or narrow < 1:
+        found, exact = at_width(num_candidates)
     else:
         found, exact = at_width(narrow)
         found, exact = lax.cond(jnp.all(exact), lambda: (found, exact), lambda: at_width(num_candidates))
