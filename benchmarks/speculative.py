@@ -63,6 +63,7 @@ from rtdlm.decoding import (  # noqa: E402
     self_speculative_generate,
     speculative_generate,
 )
+from rtdlm.decoding.common import bucketed_prompt, last_prompt_logits  # noqa: E402
 from rtdlm.decoding.prompt_lookup import lookup_drafts  # noqa: E402
 from rtdlm.decoding.self_speculative import EarlyExit  # noqa: E402
 from rtdlm.decoding.speculative import DraftModel  # noqa: E402
@@ -303,16 +304,31 @@ def search_cost(target, batch, width, ngram_size, k, repeats, steps=32):
     return float(np.median(seconds["search"])) / float(np.median(seconds["step"]))
 
 
-def lookup_rows(target, modes, ks, batches, new_tokens, repeats, ngram_size=3, on_group=lambda rows: None):
-    """Prompt lookup vs generate per prompt set (copy-heavy, ordinary), mode, batch and K."""
+def prefill_program(model, prompt, lengths, new_tokens):
+    """The prompt pass both decoders start with (the same bucketed prompt and cache), alone:
+    `decode_speedup` compares the two after it, where drafting can help."""
+    padded, _, cache_length = bucketed_prompt(prompt, new_tokens, getattr(model, "max_length", None))
+    positions = jnp.broadcast_to(jnp.arange(padded.shape[1]), padded.shape)
+
+    @jax.jit
+    def prefill(model, padded):
+        logits, _ = model(padded, positions, model.init_cache(padded.shape[0], cache_length))
+        return last_prompt_logits(logits, lengths)
+
+    return lambda: prefill(model, padded)
+
+
+def lookup_rows(target, modes, ks, batches, lengths, repeats, ngram_size=3, on_group=lambda rows: None):
+    """Prompt lookup vs generate per prompt set (copy-heavy, ordinary), output length, mode,
+    batch and K."""
     rows = []
     prompt_sets = {"copy": COPY_PROMPTS, "ordinary": PROMPTS}
-    for prompts_name, mode, batch in itertools.product(prompt_sets, modes, batches):
+    for prompts_name, new_tokens, mode, batch in itertools.product(prompt_sets, lengths, modes, batches):
         prompt, lengths = prompt_batch(batch, prompt_sets[prompts_name])
         common = dict(
             key=jax.random.key(0), config=MODES[mode], max_new_tokens=new_tokens, prompt_lengths=lengths
         )
-        print(f"prompt lookup, {prompts_name} prompts, {mode}, B={batch}", flush=True)
+        print(f"prompt lookup, {prompts_name} prompts, {new_tokens} tokens, {mode}, B={batch}", flush=True)
         programs = {"generate": functools.partial(generate, target, prompt, **common)}
         for k in ks:
             programs[f"K={k}"] = functools.partial(
@@ -324,8 +340,14 @@ def lookup_rows(target, modes, ks, batches, new_tokens, repeats, ngram_size=3, o
                 **common,
             )
         outputs = {name: program() for name, program in programs.items()}  # compiles
-        seconds = time_interleaved({n: (lambda p=p: p().tokens) for n, p in programs.items()}, repeats)
-        plain = float(np.median(seconds["generate"]))
+        seconds = time_interleaved(
+            {
+                **{n: (lambda p=p: p().tokens) for n, p in programs.items()},
+                "prefill": prefill_program(target, prompt, lengths, new_tokens),
+            },
+            repeats,
+        )
+        plain, prefill = float(np.median(seconds["generate"])), float(np.median(seconds["prefill"]))
         for k in ks:
             out = outputs[f"K={k}"]
             drafted, accepted = int(np.sum(out.num_drafted)), int(np.sum(out.num_accepted))
@@ -337,19 +359,24 @@ def lookup_rows(target, modes, ks, batches, new_tokens, repeats, ngram_size=3, o
                 "batch": batch,
                 "K": k,
                 "ngram_size": ngram_size,
+                "new_tokens": new_tokens,
                 "acceptance_fraction": accepted / max(drafted, 1),
                 "tokens_per_round": 1 + accepted / max(drafted, 1) * k,
                 "speedup": plain / spec,
+                "decode_speedup": (plain - prefill) / (spec - prefill),
+                "prefill_fraction_of_generate": prefill / plain,
                 "tokens_per_s": batch * new_tokens / spec,
                 "generate_tokens_per_s": batch * new_tokens / plain,
                 "same_tokens_as_generate": same,
                 "timing": summarize(seconds[f"K={k}"], new_tokens),
                 "generate_timing": summarize(seconds["generate"], new_tokens),
+                "prefill_timing": summarize(seconds["prefill"], 1),
             }
             rows.append(row)
             print(
                 f"  K={k}: accepted {row['acceptance_fraction']:.0%}, "
-                f"{row['tokens_per_round']:.2f} tokens/round, speedup {row['speedup']:.2f}x"
+                f"{row['tokens_per_round']:.2f} tokens/round, speedup {row['speedup']:.2f}x "
+                f"(decode alone {row['decode_speedup']:.2f}x; prefill {prefill / plain:.0%} of generate)"
                 f"{'' if same or mode != 'greedy' else ' (TOKENS DIFFER)'}",
                 flush=True,
             )
@@ -425,11 +452,13 @@ def plot(rows, path, title, group_key):
         (line,) = ax.plot([r["K"] for r in sel], [r["speedup"] for r in sel], "o-", label=label)
         if "ideal_speedup" in sel[0]:  # prompt lookup has no draft cost model
             ax.plot([r["K"] for r in sel], [r["ideal_speedup"] for r in sel], ":", color=line.get_color())
+        if "decode_speedup" in sel[0]:  # prompt lookup: the same runs with the prefill taken out
+            ax.plot([r["K"] for r in sel], [r["decode_speedup"] for r in sel], "--", color=line.get_color())
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("K (draft tokens per round)")
-    ax.set_ylabel(
-        "speedup over generate" + (" (solid: measured, dotted: ideal)" if "ideal_speedup" in rows[0] else "")
-    )
+    dotted = " (solid: measured, dotted: ideal)" if "ideal_speedup" in rows[0] else ""
+    dashed = " (solid: end to end, dashed: after the prefill)" if "decode_speedup" in rows[0] else ""
+    ax.set_ylabel("speedup over generate" + dotted + dashed)
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -445,6 +474,12 @@ def main(argv=None):
     )
     parser.add_argument("--lookup", action="store_true", help="prompt lookup (n-gram drafts) vs generate")
     parser.add_argument("--ngram-size", type=int, default=3, help="--lookup: longest n-gram matched")
+    parser.add_argument(
+        "--lookup-lengths",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[128, 256],
+        help="--lookup: new tokens per run (copying a whole function takes about 256)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random models, for a smoke test")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=[1, 16])
@@ -505,8 +540,9 @@ def main(argv=None):
 
     if args.lookup:
         modes = args.modes if args.modes != list(MODES) else ["greedy"]
-        rows = lookup_rows(target, modes, ks, batches, new_tokens, repeats, args.ngram_size, save_partial)
-        width = max(prompt_batch(1, p)[0].shape[1] for p in (COPY_PROMPTS, PROMPTS)) + new_tokens
+        lengths = [new_tokens] if args.quick else args.lookup_lengths
+        rows = lookup_rows(target, modes, ks, batches, lengths, repeats, args.ngram_size, save_partial)
+        width = max(prompt_batch(1, p)[0].shape[1] for p in (COPY_PROMPTS, PROMPTS)) + max(lengths)
         cost = {b: search_cost(target, b, width, args.ngram_size, max(ks), repeats) for b in batches}
         payload = {"environment": env, "rows": rows, "search_cost_per_round_vs_target_step": cost}
         print(f"n-gram search / target step: {cost}")
@@ -543,7 +579,7 @@ def plot_result(payload, path: Path):
     mode and batch size."""
     rows, device = payload["rows"], payload["environment"]["device_slug"]
     if "search_cost_per_round_vs_target_step" in payload:
-        plot(rows, path, f"prompt lookup (n-gram drafts) - {device}", ["prompts", "mode", "batch"])
+        plot(rows, path, f"prompt lookup (n-gram drafts) - {device}", ["prompts", "new_tokens", "batch"])
     elif "layer_sharing" in payload:
         mode = rows[0]["mode"]
         title = f"self-speculative (early exit), B=1, {mode} - {device}"

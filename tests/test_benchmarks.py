@@ -55,6 +55,21 @@ def test_speculative_benchmark(repo_root, tmp_path, extra):
     assert out.with_suffix(".png").exists()
 
 
+@pytest.mark.slow
+def test_prompt_lookup_benchmark(repo_root, tmp_path):
+    out = tmp_path / "lookup.json"
+    run_benchmark(repo_root, "speculative.py", "--lookup", "--ks", "2", "--out", str(out))
+    payload = json.loads(out.read_text())
+    assert {(row["prompts"], row["batch"]) for row in payload["rows"]} == {
+        (prompts, batch) for prompts in ("copy", "ordinary") for batch in (1, 2)
+    }
+    for row in payload["rows"]:
+        assert row["speedup"] > 0 and row["decode_speedup"] > 0
+        assert 0 < row["prefill_fraction_of_generate"] < 1
+        assert row["same_tokens_as_generate"]  # greedy lookup is generate, token for token
+    assert out.with_suffix(".png").exists()
+
+
 def test_results_go_to_runs_unless_saved_explicitly(repo_root):
     """A plain benchmark run never overwrites the committed benchmarks/results/."""
     import argparse
