@@ -308,7 +308,7 @@ def prefill_program(model, prompt, lengths, new_tokens):
     """The prompt pass both decoders start with (the same bucketed prompt and cache), alone:
     `decode_speedup` compares the two after it, where drafting can help."""
     padded, _, cache_length = bucketed_prompt(prompt, new_tokens, getattr(model, "max_length", None))
-    positions = jnp.broadcast_to(jnp.arange(padded.shape[1]), padded.shape)
+    positions = jnp.broadcast_to(jnp.arange(padded.shape[1], dtype=jnp.int32), padded.shape)
 
     @jax.jit
     def prefill(model, padded):
@@ -318,12 +318,16 @@ def prefill_program(model, prompt, lengths, new_tokens):
     return lambda: prefill(model, padded)
 
 
-def lookup_rows(target, modes, ks, batches, lengths, repeats, ngram_size=3, on_group=lambda rows: None):
+def lookup_rows(
+    target, modes, ks, batches, output_lengths, repeats, ngram_size=3, on_group=lambda rows: None
+):
     """Prompt lookup vs generate per prompt set (copy-heavy, ordinary), output length, mode,
     batch and K."""
     rows = []
     prompt_sets = {"copy": COPY_PROMPTS, "ordinary": PROMPTS}
-    for prompts_name, new_tokens, mode, batch in itertools.product(prompt_sets, lengths, modes, batches):
+    for prompts_name, new_tokens, mode, batch in itertools.product(
+        prompt_sets, output_lengths, modes, batches
+    ):
         prompt, lengths = prompt_batch(batch, prompt_sets[prompts_name])
         common = dict(
             key=jax.random.key(0), config=MODES[mode], max_new_tokens=new_tokens, prompt_lengths=lengths
@@ -376,7 +380,8 @@ def lookup_rows(target, modes, ks, batches, lengths, repeats, ngram_size=3, on_g
             print(
                 f"  K={k}: accepted {row['acceptance_fraction']:.0%}, "
                 f"{row['tokens_per_round']:.2f} tokens/round, speedup {row['speedup']:.2f}x "
-                f"(decode alone {row['decode_speedup']:.2f}x; prefill {prefill / plain:.0%} of generate)"
+                f"(decode alone {row['decode_speedup']:.2f}x; "
+                f"prefill {row['prefill_fraction_of_generate']:.0%} of generate)"
                 f"{'' if same or mode != 'greedy' else ' (TOKENS DIFFER)'}",
                 flush=True,
             )
