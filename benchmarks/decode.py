@@ -41,6 +41,7 @@ from benchmarks._timing import (  # noqa: E402
 )
 from rtdlm.decoding import generate  # noqa: E402
 from rtdlm.decoding.common import emit_accepted  # noqa: E402
+from rtdlm.decoding.model import prefill_prompt  # noqa: E402
 from rtdlm.models import create_model, encode, load_model  # noqa: E402
 from rtdlm.sampling import (  # noqa: E402
     DEFAULT_PROCESSORS,
@@ -58,11 +59,10 @@ PROMPT = "import os\n\n\ndef main(argv):\n    "
 def python_loops(model, prompt, config, max_new_tokens):
     """The two per-token Python loops; each returns a callable producing [B, N] tokens."""
     batch, prompt_len = prompt.shape
-    positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
 
     @jax.jit
     def prefill(model, prompt):
-        logits, cache = model(prompt, positions, model.init_cache(batch, prompt_len + max_new_tokens))
+        logits, cache = prefill_prompt(model, prompt, prompt_len + max_new_tokens)
         return logits[:, -1], cache
 
     # The cache (and the processors' state) are donated, so XLA updates them in place.

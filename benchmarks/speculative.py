@@ -64,6 +64,7 @@ from rtdlm.decoding import (  # noqa: E402
     speculative_generate,
 )
 from rtdlm.decoding.common import bucketed_prompt, last_prompt_logits  # noqa: E402
+from rtdlm.decoding.model import prefill_prompt  # noqa: E402
 from rtdlm.decoding.prompt_lookup import lookup_drafts  # noqa: E402
 from rtdlm.decoding.self_speculative import EarlyExit  # noqa: E402
 from rtdlm.decoding.speculative import DraftModel  # noqa: E402
@@ -169,7 +170,7 @@ def verify_costs(drafting, models, target, ks, batch, repeats, steps=32, cache_l
             return drafting.verify(models, caches, tokens, positions, saved)
 
         def prefilled_caches(models):
-            return drafting.prefill(models, one, one, cache_length)[1]
+            return drafting.prefill(models, one, cache_length)[1]
 
         return scanned(models, prefilled_caches, call, k + 1)
 
@@ -308,11 +309,10 @@ def prefill_program(model, prompt, lengths, new_tokens):
     """The prompt pass both decoders start with (the same bucketed prompt and cache), alone:
     `decode_speedup` compares the two after it, where drafting can help."""
     padded, _, cache_length = bucketed_prompt(prompt, new_tokens, getattr(model, "max_length", None))
-    positions = jnp.broadcast_to(jnp.arange(padded.shape[1], dtype=jnp.int32), padded.shape)
 
     @jax.jit
     def prefill(model, padded):
-        logits, _ = model(padded, positions, model.init_cache(padded.shape[0], cache_length))
+        logits, _ = prefill_prompt(model, padded, cache_length)
         return last_prompt_logits(logits, lengths)
 
     return lambda: prefill(model, padded)

@@ -357,3 +357,23 @@ def test_windowed_decode_step_cost_does_not_grow_with_the_cache(windowed_model):
     assert step_flops(windowed_model, 16) == step_flops(windowed_model, 1024)
     unwindowed = create_model(dict(SMALL, attention_window=None), nnx.Rngs(0))
     assert step_flops(unwindowed, 1024) > step_flops(unwindowed, 16)
+
+
+@pytest.mark.parametrize("extra", [{}, {"attention_window": 8}, {"num_heads": 4, "num_kv_heads": 2}])
+def test_prefill_equals_the_cached_call(extra):
+    """`prefill` (attention within the call) returns the logits and the cache of the general
+    cached call for a right-padded prompt from position 0, and decoding continues from it."""
+    model = _randomize_head(create_model(dict(SMALL, **extra), nnx.Rngs(0)))
+    batch, prompt_len, num_slots = 3, 13, 32
+    tokens = _tokens(batch, prompt_len + 4, seed=7)
+    prefill = jax.jit(lambda m, t, p, c: m.prefill(t, p, c))
+    fresh = model.init_cache(batch, num_slots)
+    got, got_cache = prefill(model, tokens[:, :prompt_len], _positions(batch, prompt_len), fresh)
+    want, want_cache = _call(model, tokens[:, :prompt_len], _positions(batch, prompt_len), fresh)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(got_cache[0][0], want_cache[0][0])  # layer 0: the same keys
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache), strict=True):
+        np.testing.assert_allclose(got_leaf, want_leaf, atol=1e-5)  # later: rounding apart
+    full, _ = _call(model, tokens, _positions(batch, prompt_len + 4), None)
+    step, _ = _call(model, tokens[:, prompt_len:], _positions(batch, 4, prompt_len), got_cache)
+    np.testing.assert_allclose(step, full[:, prompt_len:], atol=1e-5)

@@ -26,7 +26,7 @@ import numpy as np
 from flax import struct
 
 from rtdlm.decoding.common import check_generation_args, last_prompt_logits, with_eos
-from rtdlm.decoding.model import reorder_cache
+from rtdlm.decoding.model import prefill_prompt, reorder_cache
 from rtdlm.sampling import DEFAULT_PROCESSORS, Processor, SamplingConfig, as_processor, chain
 from rtdlm.sampling.processors import (
     apply_logit_bias,
@@ -204,9 +204,7 @@ def _beam_search(
     early_true, never = early_stopping == 1, early_stopping == _NEVER
 
     # Prefill each prompt once, then copy its cache, logits and state to its k beams.
-    cache = model.init_cache(batch, cache_length)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-    logits, cache = model(prompt, positions, cache)  # [B, P, V]
+    logits, cache = prefill_prompt(model, prompt, cache_length)  # [B, P, V]
     vocab = logits.shape[-1]
     # Hugging Face keeps (1 + number of EOS ids) * k candidates, at least 2k: enough for k
     # running beams even when the best k candidates all end.

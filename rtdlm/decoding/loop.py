@@ -43,6 +43,7 @@ from rtdlm.decoding.common import (
     with_eos,
     write_rows,
 )
+from rtdlm.decoding.model import prefill_prompt
 from rtdlm.sampling import DEFAULT_PROCESSORS, Processor, SamplingConfig, as_processor
 
 STEPS_PER_CHECK = 8
@@ -264,9 +265,7 @@ def _generate(
     num_top_logprobs,
 ):
     batch, prompt_len = prompt.shape
-    cache = model.init_cache(batch, cache_length)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-    logits, cache = model(prompt, positions, cache)  # [B, P, V]
+    logits, cache = prefill_prompt(model, prompt, cache_length)  # [B, P, V]
     logits = last_prompt_logits(logits, lengths)
     stop_ids = config.stop_ids(batch)  # [B, S]
     width, k = max_new_tokens, num_top_logprobs

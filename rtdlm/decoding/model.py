@@ -14,6 +14,12 @@ rolling back rejected speculative tokens is just passing smaller positions next 
 self-speculative decoding that reuses the draft's work, `embed(tokens) -> hidden`,
 `run_layers(hidden, positions, cache, start, stop) -> (hidden, cache)`, `logits(hidden)`.
 
+Every decoder starts with a prefill: the prompt at positions 0.. on a fresh cache. A model
+may give it a faster path with the optional `prefill(tokens, positions, cache) -> (logits,
+cache)`, equal to `model(tokens, positions, cache)` for such a call (the bundled transformer's
+attends only within the call rather than reading the cache); `prefill` below falls back to
+`__call__`.
+
 Beam search moves cache rows between beams with the optional
 `reorder_cache(cache, indices [B'] int32) -> cache`: row i of the result is row
 `indices[i]` of `cache` (B' may differ from the cache's B: the prefill of each prompt is
@@ -29,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 
@@ -83,6 +90,17 @@ class LinenModel:
     @property
     def num_layers(self) -> int | None:
         return getattr(self.module, "num_layers", None)
+
+
+def prefill_prompt(model, prompt: jax.Array, cache_length: int):
+    """The prompt [B, P] at positions 0..P-1 on a fresh cache of `cache_length` slots ->
+    (logits [B, P, V], cache), through `model.prefill` where the model has it."""
+    batch, prompt_len = prompt.shape
+    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+    cache = model.init_cache(batch, cache_length)
+    if hasattr(model, "prefill"):
+        return model.prefill(prompt, positions, cache)
+    return model(prompt, positions, cache)
 
 
 def reorder_cache(model, cache, indices: jax.Array):

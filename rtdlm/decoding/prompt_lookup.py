@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtdlm.decoding.common import GenerationOutput, cond_in_place, vocab_size
+from rtdlm.decoding.model import prefill_prompt
 from rtdlm.decoding.speculative import (
     Drafting,
     Proposal,
@@ -98,8 +99,8 @@ class PromptLookup(Drafting):
 
     ngram_size: int
 
-    def prefill(self, model, prompt, positions, cache_length):
-        return model(prompt, positions, model.init_cache(prompt.shape[0], cache_length))
+    def prefill(self, model, prompt, cache_length):
+        return prefill_prompt(model, prompt, cache_length)
 
     def propose(self, model, cache, round: Round, key, processors, config, num_drafts):
         del key  # the drafts are deterministic

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtdlm.decoding.common import GenerationOutput
-from rtdlm.decoding.model import SharesLayers
+from rtdlm.decoding.model import SharesLayers, prefill_prompt
 from rtdlm.decoding.speculative import ModelDrafting, check_num_speculative_tokens, run_speculative
 from rtdlm.sampling import DEFAULT_PROCESSORS, Processor, SamplingConfig
 
@@ -47,8 +47,8 @@ class EarlyExit(ModelDrafting):
     exit_layer: int
     share_layers: bool
 
-    def prefill(self, model, prompt, positions, cache_length):
-        return model(prompt, positions, model.init_cache(prompt.shape[0], cache_length))
+    def prefill(self, model, prompt, cache_length):
+        return prefill_prompt(model, prompt, cache_length)
 
     def draft(self, model, cache, tokens, positions):
         if not self.share_layers:

@@ -44,6 +44,7 @@ from rtdlm.decoding.common import (
     with_eos,
     write_rows,
 )
+from rtdlm.decoding.model import prefill_prompt
 from rtdlm.decoding.verify import verify_drafts
 from rtdlm.sampling import (
     DEFAULT_PROCESSORS,
@@ -91,8 +92,8 @@ class Drafting(abc.ABC):
     """
 
     @abc.abstractmethod
-    def prefill(self, models, prompt, positions, cache_length) -> tuple[jax.Array, Any]:
-        """(logits [B, P, V], caches) for the prompt, caches of `cache_length` slots."""
+    def prefill(self, models, prompt, cache_length) -> tuple[jax.Array, Any]:
+        """(logits [B, P, V], caches) for the prompt [B, P], caches of `cache_length` slots."""
 
     @abc.abstractmethod
     def propose(self, models, caches, round: Round, key, processors, config, num_drafts) -> Proposal:
@@ -159,11 +160,10 @@ class ModelDrafting(Drafting):
 class DraftModel(ModelDrafting):
     """models = (target, draft); caches = (target cache, draft cache)."""
 
-    def prefill(self, models, prompt, positions, cache_length):
+    def prefill(self, models, prompt, cache_length):
         target, drafter = models
-        batch = prompt.shape[0]
-        logits, target_cache = target(prompt, positions, target.init_cache(batch, cache_length))
-        _, draft_cache = drafter(prompt, positions, drafter.init_cache(batch, cache_length))
+        logits, target_cache = prefill_prompt(target, prompt, cache_length)
+        _, draft_cache = prefill_prompt(drafter, prompt, cache_length)
         return logits, (target_cache, draft_cache)
 
     def draft(self, models, caches, tokens, positions):
@@ -348,8 +348,7 @@ def speculative_loop(
     k = num_speculative_tokens
     batch, prompt_len = prompt.shape
     rows = jnp.arange(batch)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-    logits, caches = drafting.prefill(models, prompt, positions, cache_length)
+    logits, caches = drafting.prefill(models, prompt, cache_length)
     logits = last_prompt_logits(logits, lengths)
     stop_ids = config.stop_ids(batch)  # [B, S]
     every_row = jnp.ones(batch, bool)
