@@ -154,8 +154,24 @@ FALLBACK_CASES = [
 def test_fallback_is_taken_and_exact(name, scales, params, num_candidates):
     logits = wide_rows(scales, seed=len(name))
     out, widths = run(logits, num_candidates, **params)
-    assert widths[-2:] == [num_candidates, WIDE], widths  # all C candidates, then the whole row
+    # C candidates (or C/2, where the nucleus provably exceeds C), then the whole row
+    assert widths[-1] == WIDE and widths[-2] in (num_candidates, num_candidates // 2), widths
     assert_same_kept_set(out, reference(logits, **params))
+
+
+def test_a_nucleus_wider_than_the_candidates_skips_the_wider_tier():
+    # Flat rows: C/2 = 4 candidates hold far less than 90% of the mass, and so would C = 8
+    # (at most the 4's mass plus 4 times the mass at their bound): straight to the whole row.
+    logits = wide_rows([0.5] * 4, seed=11)
+    out, widths = run(logits, 8, top_p=0.9)
+    assert widths == [4, WIDE], widths
+    assert_same_kept_set(out, reference(logits, top_p=0.9))
+    # A nucleus of about 6 tokens: C = 8 may hold it, so the wider tier is still tried.
+    logits = np.full((4, WIDE), -30.0, np.float32)
+    logits[:, :6] = 0.0
+    out, widths = run(logits, 8, top_p=0.99)
+    assert widths == [4, 8], widths
+    assert_same_kept_set(out, reference(logits, top_p=0.99))
 
 
 def test_the_narrow_candidate_set_comes_first_on_wide_rows():
