@@ -318,6 +318,14 @@ def prefill_program(model, prompt, lengths, new_tokens):
     return lambda: prefill(model, padded)
 
 
+def decode_speedup(plain, spec, prefill):
+    """generate's time over lookup's with the shared prefill taken out of both; None when the
+    prefill, timed on its own, is not below both (timer noise on tiny runs)."""
+    if prefill >= min(plain, spec):
+        return None
+    return (plain - prefill) / (spec - prefill)
+
+
 def lookup_rows(
     target, modes, ks, batches, output_lengths, repeats, ngram_size=3, on_group=lambda rows: None
 ):
@@ -367,7 +375,7 @@ def lookup_rows(
                 "acceptance_fraction": accepted / max(drafted, 1),
                 "tokens_per_round": 1 + accepted / max(drafted, 1) * k,
                 "speedup": plain / spec,
-                "decode_speedup": (plain - prefill) / (spec - prefill),
+                "decode_speedup": decode_speedup(plain, spec, prefill),
                 "prefill_fraction_of_generate": prefill / plain,
                 "tokens_per_s": batch * new_tokens / spec,
                 "generate_tokens_per_s": batch * new_tokens / plain,
@@ -380,7 +388,7 @@ def lookup_rows(
             print(
                 f"  K={k}: accepted {row['acceptance_fraction']:.0%}, "
                 f"{row['tokens_per_round']:.2f} tokens/round, speedup {row['speedup']:.2f}x "
-                f"(decode alone {row['decode_speedup']:.2f}x; "
+                f"(decode alone {row['decode_speedup'] or float('nan'):.2f}x; "
                 f"prefill {row['prefill_fraction_of_generate']:.0%} of generate)"
                 f"{'' if same or mode != 'greedy' else ' (TOKENS DIFFER)'}",
                 flush=True,
@@ -458,7 +466,8 @@ def plot(rows, path, title, group_key):
         if "ideal_speedup" in sel[0]:  # prompt lookup has no draft cost model
             ax.plot([r["K"] for r in sel], [r["ideal_speedup"] for r in sel], ":", color=line.get_color())
         if "decode_speedup" in sel[0]:  # prompt lookup: the same runs with the prefill taken out
-            ax.plot([r["K"] for r in sel], [r["decode_speedup"] for r in sel], "--", color=line.get_color())
+            decode = [np.nan if r["decode_speedup"] is None else r["decode_speedup"] for r in sel]
+            ax.plot([r["K"] for r in sel], decode, "--", color=line.get_color())
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("K (draft tokens per round)")
     dotted = " (solid: measured, dotted: ideal)" if "ideal_speedup" in rows[0] else ""

