@@ -133,6 +133,22 @@ def test_fresh_stream_functions_compile_once(model):
     assert seen == [(i, step) for i in range(3) for step in range(6)]
 
 
+def test_streaming_and_plain_runs_share_one_program(model):
+    prompt = np.tile([[1, 2, 3]], (2, 1))
+    plain = run(model, prompt, 6)
+    seen, streamed = [], []
+
+    def streaming_run():
+        streamed.append(run(model, prompt, 6, stream=lambda step, tokens: seen.append(int(step))))
+        return streamed[-1].tokens
+
+    assert compiles(streaming_run) == 0  # the plain run's program streams too
+    assert compiles(lambda: run(model, prompt, 6).tokens) == 0
+    jax.effects_barrier()
+    assert seen == list(range(6))
+    np.testing.assert_array_equal(streamed[0].tokens, plain.tokens)
+
+
 def test_stream_inside_an_outer_jit(model):
     """A stream registered while tracing stays registered: the program can run again."""
     seen = []

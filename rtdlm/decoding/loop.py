@@ -6,9 +6,10 @@ buffers get the bucket of `max_new_tokens`, which is a traced per-row limit. The
 run in `lax.scan` chunks of 8 inside a `lax.while_loop` that ends once every row is done,
 so a bucket costs slack in the buffers and the KV cache (about 6% at 100 new tokens, B=16,
 on the bundled model) and at most 7 steps, not a bucket's worth. The loop carries one KV
-cache, updated in place. A stream callback is called through one module-level dispatcher,
-so any function streams with the same program. Seeds (None or a value) and logit_bias /
-banned_token_ids lists of any length do not recompile either (`stable_structure`).
+cache, updated in place. A stream callback is called through one module-level dispatcher
+under a traced `lax.cond`, so any function, or none, streams with the same program. Seeds
+(None or a value) and logit_bias / banned_token_ids lists of any length do not recompile
+either (`stable_structure`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax import lax
 from jax.sharding import Mesh
 
 from rtdlm.decoding.common import (
@@ -89,6 +91,17 @@ def _dispatch_stream(stream_id, step, tokens, active):
 def _end_stream(stream_id):
     if stream_id >= 0:  # a negative id stays: its program may run again (inside an outer jit)
         _STREAMS.pop(int(stream_id), None)
+
+
+def streaming(callback, stream_id, *args):
+    """Calls `callback(stream_id, *args)` on the host, in order, when the run streams
+    (`stream_id != -1`). A traced branch, not a static flag: streaming and plain runs share
+    one program (the skipped branch costs a predicate per step)."""
+    lax.cond(
+        stream_id != -1,
+        lambda: jax.debug.callback(callback, stream_id, *args, ordered=True),
+        lambda: None,
+    )
 
 
 def _register_stream(stream, stream_text, batch: int, once: bool) -> int:
@@ -224,7 +237,6 @@ def generate(
         seeded,
         max_new_tokens=output_bucket,
         cache_length=cache_length,
-        streams=stream is not None,
         mesh=mesh,
         logprobs_mode=logprobs_mode,
         num_top_logprobs=num_top_logprobs,
@@ -238,7 +250,6 @@ def generate(
         "processors",
         "max_new_tokens",
         "cache_length",
-        "streams",
         "mesh",
         "logprobs_mode",
         "num_top_logprobs",
@@ -259,7 +270,6 @@ def _generate(
     *,
     max_new_tokens,
     cache_length,
-    streams,
     mesh,
     logprobs_mode,
     num_top_logprobs,
@@ -298,8 +308,7 @@ def _generate(
             keys,
         )
         token = jnp.where(s.done, pad_token_id, sampled.token)
-        if streams:
-            jax.debug.callback(_dispatch_stream, stream_id, s.step, token, ~s.done, ordered=True)
+        streaming(_dispatch_stream, stream_id, s.step, token, ~s.done)
         out = emit_accepted(
             s.tokens,
             s.emitted,
@@ -340,6 +349,5 @@ def _generate(
         return jax.lax.scan(lambda s, _: (step(s), None), s, length=chunk)[0]
 
     final = jax.lax.while_loop(more_steps, chunk_of_steps, init)
-    if streams:
-        jax.debug.callback(_end_stream, stream_id, ordered=True)
+    streaming(_end_stream, stream_id)
     return outputs(final, num_top_logprobs)
