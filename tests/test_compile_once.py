@@ -149,6 +149,20 @@ def test_streaming_and_plain_runs_share_one_program(model):
     np.testing.assert_array_equal(streamed[0].tokens, plain.tokens)
 
 
+def test_with_the_persistent_cache_plain_runs_compile_without_callbacks(model, monkeypatch):
+    """JAX's persistent cache cannot store a program with host callbacks: with it on, a
+    plain run gets its own (cacheable) program, and a streaming run the shared one. (The
+    cache itself is not switched on here: it is process-wide state; the compile benchmark's
+    demo runs show it.)"""
+    prompt = np.tile([[1, 2, 3]], (2, 1))
+    plain = run(model, prompt, 6)
+    monkeypatch.setattr(loop_module, "_persistent_cache_on", lambda: True)
+    assert compiles(lambda: run(model, prompt, 6, stream=lambda step, tokens: None).tokens) == 0
+    cached = []
+    assert compiles(lambda: cached.append(run(model, prompt, 6)) or cached[0].tokens) == 1
+    np.testing.assert_array_equal(cached[0].tokens, plain.tokens)
+
+
 def test_stream_inside_an_outer_jit(model):
     """A stream registered while tracing stays registered: the program can run again."""
     seen = []

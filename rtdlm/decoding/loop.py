@@ -7,7 +7,9 @@ run in `lax.scan` chunks of 8 inside a `lax.while_loop` that ends once every row
 so a bucket costs slack in the buffers and the KV cache (about 6% at 100 new tokens, B=16,
 on the bundled model) and at most 7 steps, not a bucket's worth. The loop carries one KV
 cache, updated in place. A stream callback is called through one module-level dispatcher
-under a traced `lax.cond`, so any function, or none, streams with the same program. Seeds
+under a traced `lax.cond`, so any function, or none, streams with the same program (with
+JAX's persistent compilation cache on, plain runs compile one without callbacks: the cache
+cannot store those). Seeds
 (None or a value) and logit_bias / banned_token_ids lists of any length do not recompile
 either (`stable_structure`).
 """
@@ -93,10 +95,14 @@ def _end_stream(stream_id):
         _STREAMS.pop(int(stream_id), None)
 
 
+def _persistent_cache_on() -> bool:
+    return bool(jax.config.jax_compilation_cache_dir) and jax.config.jax_enable_compilation_cache
+
+
 def streaming(callback, stream_id, *args):
     """Calls `callback(stream_id, *args)` on the host, in order, when the run streams
-    (`stream_id != -1`). A traced branch, not a static flag: streaming and plain runs share
-    one program (the skipped branch costs a predicate per step)."""
+    (`stream_id != -1`): a traced branch, so streaming and plain runs share one program
+    (the skipped branch costs a predicate per step)."""
     lax.cond(
         stream_id != -1,
         lambda: jax.debug.callback(callback, stream_id, *args, ordered=True),
@@ -173,7 +179,8 @@ def generate(
       eos_token_id: stops a row after it emits this token (default: `config.eos_token_id`).
       stream: optional host callback `stream(step, tokens[B])`, called in order as tokens
         are produced (`jax.debug.callback`), e.g. to print text in a notebook. Finished
-        rows get `pad_token_id`. A new function does not recompile.
+        rows get `pad_token_id`. A new function, or none, does not recompile (except with
+        JAX's persistent compilation cache on: plain runs then use a callback-free program).
       stream_text: `decode(ids) -> str` (a row's ids so far to text): the stream is then
         called as `stream(step, tokens, texts)`, texts [B] the new text of each row, with
         an incomplete UTF-8 sequence held back until it completes.
@@ -237,6 +244,9 @@ def generate(
         seeded,
         max_new_tokens=output_bucket,
         cache_length=cache_length,
+        # JAX's persistent compilation cache (the CLI turns it on) stores no program with
+        # host callbacks: plain runs then compile one without them.
+        callbacks=stream is not None or not _persistent_cache_on(),
         mesh=mesh,
         logprobs_mode=logprobs_mode,
         num_top_logprobs=num_top_logprobs,
@@ -250,6 +260,7 @@ def generate(
         "processors",
         "max_new_tokens",
         "cache_length",
+        "callbacks",
         "mesh",
         "logprobs_mode",
         "num_top_logprobs",
@@ -270,6 +281,7 @@ def _generate(
     *,
     max_new_tokens,
     cache_length,
+    callbacks,
     mesh,
     logprobs_mode,
     num_top_logprobs,
@@ -308,7 +320,8 @@ def _generate(
             keys,
         )
         token = jnp.where(s.done, pad_token_id, sampled.token)
-        streaming(_dispatch_stream, stream_id, s.step, token, ~s.done)
+        if callbacks:
+            streaming(_dispatch_stream, stream_id, s.step, token, ~s.done)
         out = emit_accepted(
             s.tokens,
             s.emitted,
@@ -349,5 +362,6 @@ def _generate(
         return jax.lax.scan(lambda s, _: (step(s), None), s, length=chunk)[0]
 
     final = jax.lax.while_loop(more_steps, chunk_of_steps, init)
-    streaming(_end_stream, stream_id)
+    if callbacks:
+        streaming(_end_stream, stream_id)
     return outputs(final, num_top_logprobs)
