@@ -7,9 +7,8 @@ run in `lax.scan` chunks of 8 inside a `lax.while_loop` that ends once every row
 so a bucket costs slack in the buffers and the KV cache (about 6% at 100 new tokens, B=16,
 on the bundled model) and at most 7 steps, not a bucket's worth. The loop carries one KV
 cache, updated in place. A stream callback is called through one module-level dispatcher
-under a traced `lax.cond`, so any function, or none, streams with the same program (with
-JAX's persistent compilation cache on, plain runs compile one without callbacks: the cache
-cannot store those). Seeds
+under a traced `lax.cond`, so any function, or none, streams with the same program (on one
+device and without JAX's persistent compilation cache: `_plain_runs_stream_branch`). Seeds
 (None or a value) and logit_bias / banned_token_ids lists of any length do not recompile
 either (`stable_structure`).
 """
@@ -95,8 +94,13 @@ def _end_stream(stream_id):
         _STREAMS.pop(int(stream_id), None)
 
 
-def _persistent_cache_on() -> bool:
-    return bool(jax.config.jax_compilation_cache_dir) and jax.config.jax_enable_compilation_cache
+def _plain_runs_stream_branch() -> bool:
+    """Whether a run without a stream compiles the stream branch anyway (so that streaming
+    and plain runs share one program): not where the program could span devices (ordered
+    callbacks run on one device only), nor with JAX's persistent compilation cache on (the
+    CLI turns it on): it stores no program with host callbacks."""
+    cache_on = bool(jax.config.jax_compilation_cache_dir) and jax.config.jax_enable_compilation_cache
+    return jax.device_count() == 1 and not cache_on
 
 
 def streaming(callback, stream_id, *args):
@@ -179,8 +183,9 @@ def generate(
       eos_token_id: stops a row after it emits this token (default: `config.eos_token_id`).
       stream: optional host callback `stream(step, tokens[B])`, called in order as tokens
         are produced (`jax.debug.callback`), e.g. to print text in a notebook. Finished
-        rows get `pad_token_id`. A new function, or none, does not recompile (except with
-        JAX's persistent compilation cache on: plain runs then use a callback-free program).
+        rows get `pad_token_id`. A new function does not recompile, nor does none on one
+        device without JAX's persistent compilation cache (else plain runs compile a
+        program without the callback).
       stream_text: `decode(ids) -> str` (a row's ids so far to text): the stream is then
         called as `stream(step, tokens, texts)`, texts [B] the new text of each row, with
         an incomplete UTF-8 sequence held back until it completes.
@@ -244,9 +249,7 @@ def generate(
         seeded,
         max_new_tokens=output_bucket,
         cache_length=cache_length,
-        # JAX's persistent compilation cache (the CLI turns it on) stores no program with
-        # host callbacks: plain runs then compile one without them.
-        callbacks=stream is not None or not _persistent_cache_on(),
+        callbacks=stream is not None or (mesh is None and _plain_runs_stream_branch()),
         mesh=mesh,
         logprobs_mode=logprobs_mode,
         num_top_logprobs=num_top_logprobs,
