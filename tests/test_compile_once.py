@@ -134,6 +134,8 @@ def test_fresh_stream_functions_compile_once(model):
 
 
 def test_streaming_and_plain_runs_share_one_program(model):
+    if not loop_module._plain_runs_stream_branch():
+        pytest.skip("plain runs compile without the stream branch here (devices or cache)")
     prompt = np.tile([[1, 2, 3]], (2, 1))
     plain = run(model, prompt, 6)
     seen, streamed = [], []
@@ -142,8 +144,6 @@ def test_streaming_and_plain_runs_share_one_program(model):
         streamed.append(run(model, prompt, 6, stream=lambda step, tokens: seen.append(int(step))))
         return streamed[-1].tokens
 
-    if not loop_module._plain_runs_stream_branch():
-        pytest.skip("plain runs compile without the stream branch here (devices or cache)")
     assert compiles(streaming_run) == 0  # the plain run's program streams too
     assert compiles(lambda: run(model, prompt, 6).tokens) == 0
     jax.effects_barrier()
