@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from scipy import stats
 
 from rtdlm.sampling import SamplingConfig, filters, process_logits, sample, sampler
@@ -67,19 +68,34 @@ def _spy_whole_row_draws(monkeypatch):
     return widths
 
 
-def test_peaked_rows_draw_among_candidates_and_flat_rows_from_the_whole_row(monkeypatch):
+def _spy_rejection(monkeypatch):
+    """Records the number of rows `_draw_by_rejection` draws for, each time it runs."""
+    active_rows: list[int] = []
+    original = sampler._draw_by_rejection
+
+    def spy(keys, u, t, active):
+        jax.debug.callback(lambda n: active_rows.append(int(n)), jnp.sum(active))
+        return original(keys, u, t, active)
+
+    monkeypatch.setattr(sampler, "_draw_by_rejection", spy)
+    return active_rows
+
+
+def test_peaked_rows_draw_among_candidates_and_flat_rows_by_rejection(monkeypatch):
     widths = _spy_whole_row_draws(monkeypatch)
+    rejections = _spy_rejection(monkeypatch)
     peaked = _rows("normal", 2, 32000, seed=1) * 2.0  # the 0.9 nucleus: a few tokens
     flat = _rows("normal", 2, 32000, seed=2) / 3.0  # the nucleus: thousands of tokens
     config = SamplingConfig(temperature=0.7, top_p=0.9)
     draw = jax.jit(lambda key, x: sample(key, x, config).token_id)
     jax.block_until_ready(draw(jax.random.key(0), peaked))
     jax.effects_barrier()
-    assert widths == [128], widths
+    assert widths == [128] and rejections == [], (widths, rejections)
     widths.clear()
     jax.block_until_ready(draw(jax.random.key(0), np.concatenate([peaked[:1], flat[:1]])))
     jax.effects_barrier()
-    assert sorted(widths) == [128, 32000], widths
+    # the flat row alone draws by rejection; no whole-row draw unless its draw was ambiguous
+    assert widths[0] == 128 and rejections == [1] and set(widths[1:]) <= {32000}, (widths, rejections)
 
 
 def test_a_rows_token_does_not_depend_on_the_other_rows_path():
@@ -103,6 +119,10 @@ CHI_SQUARE_CASES = {
     "top-p past the candidates (whole row)": (
         SamplingConfig(temperature=1.0, top_p=0.5),
         lambda: _rows("normal", 2, 4096, seed=11) / 6.0,
+    ),
+    "top-p and min-p past the candidates (rejection), integer ties": (
+        SamplingConfig(temperature=1.0, top_p=jnp.array([0.7, 0.95]), min_p=jnp.array([0.0, 0.3])),
+        lambda: _rows("integer-ties", 2, 4096, seed=13) / 2.0,
     ),
     "ties at the bound (bf16 values)": (
         SamplingConfig(temperature=1.0, top_k=20, typical_p=0.9),
@@ -132,6 +152,49 @@ def test_draws_follow_the_exact_distribution(name):
         cells_c = np.append(c[~small], c[small].sum()) if small.any() else c
         _, p_value = stats.chisquare(cells_c, cells_p * cells_c.sum() / cells_p.sum())
         assert p_value > 1e-4, (name, b, p_value, len(kept))
+
+
+def _assert_follows(tokens, expected, name):
+    """Chi-square of [N] draws against the distribution `expected` [V] (rare tokens pooled)."""
+    draws = tokens.size
+    kept = np.flatnonzero(expected > 0)
+    counts = np.bincount(tokens.ravel(), minlength=expected.size)
+    assert counts[expected == 0].sum() == 0, f"{name}: drew a removed token"
+    order = kept[np.argsort(expected[kept])]
+    p, c = expected[order] * draws, counts[order]
+    small = p < 5
+    cells_p = np.append(p[~small], p[small].sum()) if small.any() else p
+    cells_c = np.append(c[~small], c[small].sum()) if small.any() else c
+    _, p_value = stats.chisquare(cells_c, cells_p * cells_c.sum() / cells_p.sum())
+    assert p_value > 1e-4, (name, p_value, len(kept))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slack", [0.03, 0.5])
+def test_undecided_rejection_draws_are_decided_exactly_by_the_rule(monkeypatch, slack):
+    # A huge rounding slack leaves many rejection draws ambiguous: the rule decides them, on
+    # the few rows alone (slack 0.03: rarely more than one row in a batch of 8) or on the
+    # whole batch (0.5: most draws). Either way the draws follow the kept distribution exactly.
+    # Outside `vmap` (one batch per key, `lax.map`), so the branches really are taken.
+    monkeypatch.setattr(sampler, "_mass_rounding_bound", lambda vocab: slack)
+    decided_rows: list[int] = []
+    original = sampler._decide
+
+    def spy(t, *args):
+        rows = t.logits.shape[0]
+        jax.debug.callback(lambda: decided_rows.append(rows))
+        return original(t, *args)
+
+    monkeypatch.setattr(sampler, "_decide", spy)
+    row = _rows("normal", 1, 4096, seed=40) / 6.0  # flat: the 0.6 nucleus is ~1500 tokens
+    logits = jnp.asarray(np.repeat(row, 8, axis=0))
+    config = SamplingConfig(top_p=0.6, min_p=0.2)
+    keys = jax.random.split(jax.random.key(41), 12_500)
+    tokens = np.asarray(jax.jit(lambda ks: lax.map(lambda k: sample(k, logits, config).token_id, ks))(keys))
+    jax.effects_barrier()
+    expected = np.asarray(jax.nn.softmax(process_logits(logits, config)[0]), np.float64)
+    _assert_follows(tokens, expected, f"slack {slack}")
+    assert (sampler._RULE_ROWS if slack < 0.1 else 8) in decided_rows, set(decided_rows)
 
 
 def test_probability_and_logprob_match_the_processed_distribution():

@@ -154,17 +154,28 @@ FALLBACK_CASES = [
 def test_fallback_is_taken_and_exact(name, scales, params, num_candidates):
     logits = wide_rows(scales, seed=len(name))
     out, widths = run(logits, num_candidates, **params)
-    # C candidates (or C/2, where the nucleus provably exceeds C), then the whole row
-    assert widths[-1] == WIDE and widths[-2] in (num_candidates, num_candidates // 2), widths
+    # C candidates (or C/2, where the nucleus provably exceeds C), then the whole row; no
+    # search at all where every row's top-p nucleus provably exceeds C (top-p alone)
+    if name == "tiny candidate set, top-p":
+        assert widths == [WIDE], widths
+    else:
+        assert widths[-1] == WIDE and widths[-2] in (num_candidates, num_candidates // 2), widths
     assert_same_kept_set(out, reference(logits, **params))
 
 
-def test_a_nucleus_wider_than_the_candidates_skips_the_wider_tier():
-    # Flat rows: C/2 = 4 candidates hold far less than 90% of the mass, and so would C = 8
-    # (at most the 4's mass plus 4 times the mass at their bound): straight to the whole row.
+def test_a_nucleus_wider_than_the_candidates_skips_the_search():
+    # Flat rows: 90% of the mass is far more than C = 8 logits can hold (at most the count
+    # within 1 of the max, the rest below 1/e each): no candidate search, straight to the row.
     logits = wide_rows([0.5] * 4, seed=11)
     out, widths = run(logits, 8, top_p=0.9)
-    assert widths == [4, WIDE], widths
+    assert widths == [WIDE], widths
+    assert_same_kept_set(out, reference(logits, top_p=0.9))
+    # A peaked row (one token holds ~95% of the mass): the target is below C/e, so the
+    # count cannot show a wide nucleus; the C/2 = 4 candidates hold it.
+    logits = wide_rows([0.5] * 4, seed=12) - 10.0
+    logits[:, 0] = 0.0
+    out, widths = run(logits, 8, top_p=0.9)
+    assert widths == [4], widths
     assert_same_kept_set(out, reference(logits, top_p=0.9))
     # A nucleus of about 6 tokens: C = 8 may hold it, so the wider tier is still tried.
     logits = np.full((4, WIDE), -30.0, np.float32)

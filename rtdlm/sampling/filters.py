@@ -23,6 +23,7 @@ sort order. On continuous logits the kept sets are identical.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -206,7 +207,11 @@ def _keep_rule(values, row_max, total_mass, top_k, top_p, min_p_key, typical_p, 
 
 class Truncation(NamedTuple):
     """The truncation of `[B, V]` logits, before it is applied: the exact per-row rule, and
-    the candidates a draw can use instead of the whole row (`truncation`)."""
+    the candidates a draw can use instead of the whole row (`truncation`).
+
+    `rule` is computed only where it is used (XLA drops it otherwise): a sampler that needs
+    only the token can draw under `candidate_rule` where it is `exact`, and elsewhere decide
+    membership itself, calling `whole_row_rule()` only for the rows it cannot decide."""
 
     logits: jax.Array  # [B, V] float32 the rule applies to (NaN -> -inf, +inf -> max float)
     row_max: jax.Array  # [B] (0 for empty rows)
@@ -217,17 +222,26 @@ class Truncation(NamedTuple):
     candidate_ids: jax.Array  # [B, C] int32 token ids (may be >= V where a value is -inf)
     bound: jax.Array  # [B]: every logit > bound is a candidate (+inf: none is known to be)
     inside: jax.Array  # [B] bool: the rule keeps only candidates (and -inf logits)
+    candidate_rule: KeepRule  # computed on the candidates; the full row's where `exact`
+    exact: jax.Array  # [B] bool
+    total_mass: jax.Array  # [B] sum of exp(logits - row_max) (1 where no row needs it)
+    rule_params: tuple  # [B] each: top_k, top_p, min-p's key, typical_p, min_keep (clamped)
     vocab: Vocab = LOCAL  # sharded: `logits` is this device's block; the rest is whole-row
 
-    def keep(self) -> jax.Array:
-        """[B, V] bool: the tokens kept (greedy rows: the first maximum only)."""
-        keep = self.rule.keep(self.logits)
+    def whole_row_rule(self) -> KeepRule:
+        """The rule computed on the whole row (`rule` where not every row is `exact`)."""
+        return _keep_rule(self.logits, self.row_max, self.total_mass, *self.rule_params, self.vocab)[0]
+
+    def keep(self, rule: KeepRule | None = None) -> jax.Array:
+        """[B, V] bool: the tokens kept (greedy rows: the first maximum only) under `rule`
+        (default: `self.rule`)."""
+        keep = (self.rule if rule is None else rule).keep(self.logits)
         return _keep_with_greedy(keep, self.logits, self.row_max, self.empty, self.greedy, self.vocab)
 
-    def weights(self) -> jax.Array:
+    def weights(self, rule: KeepRule | None = None) -> jax.Array:
         """[B, V] unnormalised probabilities of the kept tokens (empty rows: uniform)."""
         mass = jnp.where(self.empty[:, None], 1.0, jnp.exp(self.logits - self.row_max[:, None]))
-        return jnp.where(self.keep(), mass, 0.0)
+        return jnp.where(self.keep(rule), mass, 0.0)
 
     def processed(self) -> jax.Array:
         """[B, V] logits with the removed tokens at -inf (what `truncate` returns)."""
@@ -286,29 +300,46 @@ def truncation(
     min_keep = jnp.broadcast_to(jnp.asarray(min_tokens_to_keep, jnp.int32), top_k.shape)
     z, row_max, empty, params = _prepare(logits, top_k, top_p, min_p, typical_p, min_keep, vocab, shards)
     filtering = _filtering(params)
+    total_mass, beyond_candidates = _top_p_masses(z, row_max, params, min(num_candidates, vocab), shards)
+    rule_params = _rule_params(row_max, *params)
     if num_candidates >= vocab and not shards.sharded:  # the whole row is the candidate set
-
-        def whole_row_rule():
-            return _keep_rule(z, row_max, _total_mass(z, row_max, params), *_rule_params(row_max, *params))[0]
-
-        rule = lax.cond(jnp.any(filtering), whole_row_rule, lambda: _keep_everything(row_max))
+        rule = lax.cond(
+            jnp.any(filtering),
+            lambda: _keep_rule(z, row_max, total_mass, *rule_params)[0],
+            lambda: _keep_everything(row_max),
+        )
         ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), z.shape)
         nothing_outside = jnp.full_like(row_max, -jnp.inf)
+        everywhere = jnp.ones_like(greedy)
         return Truncation(
-            z, row_max, empty, rule, greedy, z, ids, nothing_outside, jnp.ones_like(greedy), shards
-        )
+            z, row_max, empty, rule, greedy, z, ids, nothing_outside, everywhere,
+            rule, everywhere, total_mass, rule_params, shards,
+        )  # fmt: skip
 
     def search():
-        return _exact_candidate_rule(z, row_max, params, num_candidates, shards)
+        return _exact_candidate_rule(z, row_max, total_mass, params, num_candidates, shards)
 
-    def no_search():  # no row filters: keep everything, know nothing about candidates
+    def no_search():  # keep everything where no filter is on, know nothing about candidates
         nothing = jnp.full((z.shape[0], min(num_candidates, vocab)), -jnp.inf)
         unknown = jnp.full_like(row_max, jnp.inf)
         ids = jnp.zeros(nothing.shape, jnp.int32)
-        return _keep_everything(row_max), nothing, ids, unknown, jnp.zeros_like(greedy)
+        return _keep_everything(row_max), ~filtering, nothing, ids, unknown, jnp.zeros_like(greedy)
 
-    rule, values, ids, bound, inside = lax.cond(jnp.any(filtering), search, no_search)
-    return Truncation(z, row_max, empty, rule, greedy, values, ids, bound, inside, shards)
+    # Rows whose top-p nucleus provably exceeds the C candidates skip the search (a
+    # policy, as for `widen`: the whole row is exact in every case).
+    candidate_rule, exact, values, ids, bound, inside = lax.cond(
+        jnp.any(filtering & ~beyond_candidates), search, no_search
+    )
+    # Its own conditional, so that a caller who never reads `rule` does not run it.
+    rule = lax.cond(
+        jnp.all(exact),
+        lambda: candidate_rule,
+        lambda: _keep_rule(z, row_max, total_mass, *rule_params, shards)[0],
+    )
+    return Truncation(
+        z, row_max, empty, rule, greedy, values, ids, bound, inside,
+        candidate_rule, exact, total_mass, rule_params, shards,
+    )  # fmt: skip
 
 
 def truncate(logits: jax.Array, *args, **kwargs) -> jax.Array:
@@ -350,12 +381,32 @@ def _keep_everything(row_max):
 def _total_mass(z, row_max, params, shards=LOCAL):
     """[B] sum of exp(z - row_max): top-p's normaliser where top-k is off (the one rule input
     that needs a pass over the whole row, so it is skipped when no row needs it)."""
+    return _top_p_masses(z, row_max, params, 0, shards)[0]
+
+
+def _top_p_masses(z, row_max, params, width, shards=LOCAL):
+    """`_total_mass` [B], and [B] bool: the rows whose top-p nucleus provably holds more than
+    `width` tokens (top-k off), from one count. With n logits at or above row_max - 1 (each
+    of mass <= 1) and the rest below (each < 1/e), the `width` largest hold at most
+    min(n, width) + max(width - n, 0) / e; below top-p's target, the nucleus is wider."""
     top_k, top_p, *_ = params
-    return lax.cond(
-        jnp.any((top_p < 1.0) & (top_k == 0)),
-        lambda: shards.sum(jnp.exp(z - row_max[:, None])),
-        lambda: jnp.ones_like(row_max),
-    )
+    needs_total = (top_p < 1.0) & (top_k == 0)
+
+    def masses():
+        total = shards.sum(jnp.exp(z - row_max[:, None]))
+        target = top_p * total
+        may_be_wider = needs_total & (target > width * math.exp(-1.0))  # else the bound cannot show it
+
+        def count():
+            near_max = jnp.minimum(shards.sum((z >= (row_max - 1.0)[:, None]).astype(jnp.int32)), width)
+            return may_be_wider & (near_max + (width - near_max) * math.exp(-1.0) < target)
+
+        return total, lax.cond(jnp.any(may_be_wider), count, lambda: may_be_wider)
+
+    def unused():
+        return jnp.ones_like(row_max), jnp.zeros_like(needs_total)
+
+    return lax.cond(jnp.any(needs_total), masses, unused)
 
 
 def _rule_params(row_max, top_k, top_p, min_p, typical_p, min_keep):
@@ -408,15 +459,14 @@ def _candidates(z, num_candidates, shards=LOCAL):
     return values, ids, bound
 
 
-def _exact_candidate_rule(z, row_max, params, num_candidates, shards=LOCAL):
-    """The rule from the candidates where they prove it, else (`lax.cond`, whole batch) from
-    the whole row: (rule, candidates, their ids, bound, inside) as in `Truncation`.
+def _exact_candidate_rule(z, row_max, total_mass, params, num_candidates, shards=LOCAL):
+    """The rule from the candidates and where it is provably the whole row's: (candidate rule,
+    exact, candidates, their ids, bound, inside) as in `Truncation`.
 
     On wide local rows the candidates come in two widths: first C/2 (`lax.top_k`'s cost on
     XLA:CPU grows with k: the C/2 search costs about half), then, only when some row's rule
     is not proven by those, all C (skipped where a row's top-p nucleus provably does not
     fit in C). The narrow set is padded to C with -inf (ids >= V)."""
-    total_mass = _total_mass(z, row_max, params, shards)
 
     def at_width(width):
         rule, exact, inside, values, ids, bound = _candidate_rule(
@@ -425,29 +475,22 @@ def _exact_candidate_rule(z, row_max, params, num_candidates, shards=LOCAL):
         pad = ((0, 0), (0, num_candidates - values.shape[-1]))
         values = jnp.pad(values, pad, constant_values=-jnp.inf)
         ids = jnp.pad(ids, pad, constant_values=shards.size(z.shape[-1]))
-        return (rule, values, ids, bound, inside), exact
+        return rule, exact, values, ids, bound, inside
 
     narrow = num_candidates // 2
     if shards.sharded or not _two_level(z.shape[-1], num_candidates) or narrow < 1:
-        found, exact = at_width(num_candidates)
-    else:
-        found, exact = at_width(narrow)
-        # The C largest logits hold at most the C/2 candidates' mass plus C - C/2 times the
-        # mass at `bound`; a row whose top-p target exceeds that fails at C too: go to the
-        # whole row (a policy: the whole row is exact in every case).
-        values, bound = found[1], found[3]
-        rest = (num_candidates - narrow) * jnp.exp(bound - row_max)
-        most_in_c = jnp.sum(jnp.exp(values - row_max[:, None]), -1) + rest  # [B]
-        top_k, top_p = params[0], params[1]
-        too_wide = (top_p < 1.0) & (top_k == 0) & (most_in_c < top_p * total_mass)
-        widen = ~jnp.all(exact) & ~jnp.any(~exact & too_wide)
-        found, exact = lax.cond(widen, lambda: at_width(num_candidates), lambda: (found, exact))
-    rule = lax.cond(
-        jnp.all(exact),
-        lambda: found[0],
-        lambda: _keep_rule(z, row_max, total_mass, *_rule_params(row_max, *params), shards)[0],
-    )
-    return (rule, *found[1:])
+        return at_width(num_candidates)
+    found = at_width(narrow)
+    # The C largest logits hold at most the C/2 candidates' mass plus C - C/2 times the
+    # mass at `bound`; a row whose top-p target exceeds that fails at C too: go to the
+    # whole row (a policy: the whole row is exact in every case).
+    exact, values, bound = found[1], found[2], found[4]
+    rest = (num_candidates - narrow) * jnp.exp(bound - row_max)
+    most_in_c = jnp.sum(jnp.exp(values - row_max[:, None]), -1) + rest  # [B]
+    top_k, top_p = params[0], params[1]
+    too_wide = (top_p < 1.0) & (top_k == 0) & (most_in_c < top_p * total_mass)
+    widen = ~jnp.all(exact) & ~jnp.any(~exact & too_wide)
+    return lax.cond(widen, lambda: at_width(num_candidates), lambda: found)
 
 
 def _candidate_rule(z, row_max, total_mass, params, num_candidates, shards=LOCAL):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -10,7 +11,7 @@ from flax import struct
 from jax import lax
 
 from rtdlm.sampling.config import SamplingConfig
-from rtdlm.sampling.filters import Truncation
+from rtdlm.sampling.filters import Truncation, order_key
 from rtdlm.sampling.processors import (
     DEFAULT_PROCESSORS,
     Processor,
@@ -172,21 +173,36 @@ def _first_above(cumulative, target, mass):
 
 def _inverse_cdf(u, weights):
     """[B] uniforms in [0, 1) -> [B] tokens, two-level (see `draw`)."""
-    batch, vocab = weights.shape
+    vocab = weights.shape[-1]
     if vocab <= _DRAW_BLOCK:  # one block: a cumulative sum over the row
         cumulative = jnp.cumsum(weights, axis=-1)
         return _first_above(cumulative, u * cumulative[:, -1], weights).astype(jnp.int32)
+    blocks = _blocks(weights)
+    return _draw_in_blocks(u, jnp.sum(blocks, axis=-1), lambda block: _take_block(blocks, block))
+
+
+def _blocks(x, fill=0):
+    """[B, V] -> [B, ceil(V / 256), 256], padded with `fill`."""
+    batch, vocab = x.shape
     blocks = -(-vocab // _DRAW_BLOCK)
-    padded = jnp.pad(weights, ((0, 0), (0, blocks * _DRAW_BLOCK - vocab)))
-    padded = padded.reshape(batch, blocks, _DRAW_BLOCK)
-    block_mass = jnp.sum(padded, axis=-1)  # [B, blocks]
+    padded = jnp.pad(x, ((0, 0), (0, blocks * _DRAW_BLOCK - vocab)), constant_values=fill)
+    return padded.reshape(batch, blocks, _DRAW_BLOCK)
+
+
+def _draw_in_blocks(u, block_mass, block_weights):
+    """`_inverse_cdf` given the block sums [B, N] and `block_weights(block [B])`: the chosen
+    blocks' weights [B, 256] (so the caller need not write all blocks out)."""
     block_end = jnp.cumsum(block_mass, axis=-1)
     u = u * block_end[:, -1]
     block = _first_above(block_end, u, block_mass)  # [B]
-    inside = jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0]  # [B, block]
+    inside = block_weights(block)  # [B, block]
     before = jnp.take_along_axis(block_end - block_mass, block[:, None], axis=1)[:, 0]
     offset = _first_above(jnp.cumsum(inside, axis=-1), u - before, inside)
     return (block * _DRAW_BLOCK + offset).astype(jnp.int32)
+
+
+def _take_block(blocks, block):  # [B, N, 256], [B] -> [B, 256]
+    return jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
 
 
 def probabilities(processed: jax.Array, vocab: Vocab = LOCAL) -> jax.Array:
@@ -301,27 +317,33 @@ def sample_truncation(keys: jax.Array, t: Truncation, num_top_tokens: int = 10) 
 
     A row whose kept set lies in its candidates (`t.inside`; greedy rows: when their maximum
     is a candidate) draws among its C candidates, with no pass over the row; the others (a
-    `lax.cond` skips this when there are none) from the whole row. Each row's path depends
-    on its own logits only, and both give its exact distribution. When the candidates are the
-    whole row (C >= V), every row draws from it. `all_probabilities` and the top tokens are
-    computed only if used (XLA drops them otherwise).
+    `lax.cond` skips this when there are none) from the whole row: under the candidates' rule
+    where it is exact, else by rejection (`_draw_outside_candidates`), so a caller who uses
+    only the token never runs the whole-row threshold search for top-p/min-p rows. Each
+    row's path depends on its own logits and key only, and every path gives its exact
+    distribution. When the candidates are the whole row (C >= V), every row draws from it.
+    `all_probabilities`, the probabilities and the top tokens are computed only if used
+    (XLA drops them otherwise).
     """
     vocab = t.vocab
     local_vocab = t.logits.shape[-1]
     row_max = t.row_max[:, None]
     u = jax.vmap(jax.random.uniform)(keys)  # [B]
 
-    def from_rows():  # token, its logit - row max, the kept mass: drawn from the whole row
-        row_weights = t.weights()  # [B, V]
-        token = draw_with_uniforms(u, row_weights, vocab)
+    def shifted_logit(token):  # [B]: the token's logit - row max
         is_chosen = vocab.token_ids(local_vocab)[None] == token[:, None]
-        chosen = vocab.sum(jnp.where(is_chosen, t.logits - row_max, 0.0))
-        return token, jnp.where(t.empty, 0.0, chosen), vocab.sum(row_weights)
+        return jnp.where(t.empty, 0.0, vocab.sum(jnp.where(is_chosen, t.logits - row_max, 0.0)))
+
+    def from_rows(rule=None):  # token, its logit - row max, the kept mass: drawn from the whole row
+        row_weights = t.weights(rule)  # [B, V]
+        token = draw_with_uniforms(u, row_weights, vocab)
+        return token, shifted_logit(token), vocab.sum(row_weights)
 
     if t.candidates.shape[-1] == local_vocab and not vocab.sharded:  # the candidates are the row
         token, shifted, total = from_rows()
     else:
-        weights = jnp.where(t.rule.keep(t.candidates), jnp.exp(t.candidates - row_max), 0.0)  # [B, C]
+        keep = t.candidate_rule.keep(t.candidates)  # the full row's rule on the rows drawn here
+        weights = jnp.where(keep, jnp.exp(t.candidates - row_max), 0.0)  # [B, C]
         index = _inverse_cdf(u, weights)[:, None]
         first_max = jnp.min(
             jnp.where(t.candidates == row_max, t.candidate_ids, vocab.size(local_vocab)), axis=-1
@@ -333,8 +355,15 @@ def sample_truncation(keys: jax.Array, t: Truncation, num_top_tokens: int = 10) 
         )
         on_candidates = ~t.empty & jnp.where(t.greedy, t.row_max > t.bound, t.inside)  # [B]
 
+        def by_rejection():
+            token = _draw_outside_candidates(keys, u, t, on_candidates)
+            return token, shifted_logit(token), vocab.sum(t.weights())
+
         def mixed():
-            whole = from_rows()
+            if vocab.sharded:
+                whole = from_rows()
+            else:
+                whole = lax.cond(jnp.all(t.exact), lambda: from_rows(t.candidate_rule), by_rejection)
             return tuple(jnp.where(on_candidates, c, w) for c, w in zip(from_candidates, whole, strict=True))
 
         token, shifted, total = lax.cond(jnp.all(on_candidates), lambda: from_candidates, mixed)
@@ -342,3 +371,160 @@ def sample_truncation(keys: jax.Array, t: Truncation, num_top_tokens: int = 10) 
     return _result(
         token, shifted, total, all_weights / vocab.sum(all_weights)[:, None], num_top_tokens, vocab
     )
+
+
+_MAX_DRAWS = 8  # rejection draws per row before its rule decides
+_RULE_ROWS = 2  # rows the rule decides for alone: more go to the whole batch's rule
+
+
+def _mass_rounding_bound(vocab: int) -> float:
+    """How far, relative to the row's total mass, two float32 sums of the same token masses
+    can differ: the rule's (a segment sum per radix bin, then for each of 3 digits a
+    cumulative sum over 2048 bins) and `_draw_by_rejection`'s (blocks of 256, then the
+    blocks). Adding n non-negative terms in any order errs by at most (n - 1) u of their sum
+    (u = 2^-24); exp of one input may differ by an ulp or two between programs; the factor
+    1.5 covers the second-order terms. (0.35% of the mass at V = 32000.)"""
+    return 1.5 * (vocab + 3 * 2048 + _DRAW_BLOCK + vocab / _DRAW_BLOCK + 16) * 2.0**-24
+
+
+def _draw_outside_candidates(keys, u, t: Truncation, on_candidates):
+    """[B] tokens for the rows not `on_candidates` (the other rows' entries are arbitrary).
+
+    Rows with only top-p and min-p on draw by rejection (`_draw_by_rejection`); the rest,
+    and the rows rejection leaves undecided, under the whole row's rule (a `lax.cond` runs
+    it only if there are such rows, on those rows alone when they are few): an undecided
+    draw is kept if the rule keeps it, else the row draws again from the rule's kept set
+    with a fresh uniform.
+
+    Under `jax.vmap` with the logits shared by the instances (many draws from one batch),
+    every row draws under the whole row's rule instead, computed once for all instances:
+    the same distribution, but not the same token for a key as an unbatched call. (By
+    rejection, each instance would write its own [B, V] masses each round.)
+    """
+    return _off_candidates(tuple(t[:-1]), keys, u, on_candidates)
+
+
+def _off_candidates_unbatched(fields, keys, u, on_candidates):
+    t = Truncation(*fields)
+    top_k, _, _, typical_p, min_keep = t.rule_params
+    simple = (top_k == 0) & (typical_p >= 1.0) & (min_keep <= 1) & ~t.greedy & ~t.empty
+    by_rejection = ~on_candidates & simple
+    token, ambiguous, unjudged = _draw_by_rejection(keys, u, t, by_rejection)
+    needs_rule = ~on_candidates & (~by_rejection | ambiguous | unjudged)
+    fresh = jnp.where(by_rejection, _round_uniforms(keys, _MAX_DRAWS), u)
+    return _decide_by_rule(fields, token, ambiguous, fresh, needs_rule)
+
+
+_off_candidates = jax.custom_batching.custom_vmap(_off_candidates_unbatched)
+
+
+@_off_candidates.def_vmap
+def _off_candidates_batched(axis_size, in_batched, fields, keys, u, on_candidates):
+    fields_batched, *rest_batched = in_batched
+    in_axes = jax.tree.map(lambda batched: 0 if batched else None, (fields_batched, *rest_batched))
+    if any(jax.tree.leaves(fields_batched)):  # each instance has its own logits
+        draw = jax.vmap(_off_candidates_unbatched, in_axes=in_axes, axis_size=axis_size)
+        return draw(fields, keys, u, on_candidates), True
+
+    def by_rule(u):  # the rule and the weights are the instances' shared values
+        t = Truncation(*fields)
+        return _inverse_cdf(u, t.weights(t.whole_row_rule()))
+
+    return jax.vmap(by_rule, in_axes=in_axes[2], axis_size=axis_size)(u), True
+
+
+def _decide(t: Truncation, token, ambiguous, fresh):
+    """[B] tokens: `token` where it is `ambiguous` and the rule keeps it, else a draw from the
+    rule's kept set with `fresh` [B] uniforms (each row's result depends on that row only)."""
+    rule = t.whole_row_rule()
+    kept = ambiguous & rule.keep(jnp.take_along_axis(t.logits, token[:, None], axis=1))[:, 0]
+    return jnp.where(kept, token, _inverse_cdf(fresh, t.weights(rule)))
+
+
+def _decide_all_rows(fields, token, ambiguous, fresh, needs_rule):
+    return jnp.where(needs_rule, _decide(Truncation(*fields), token, ambiguous, fresh), token)
+
+
+@jax.custom_batching.custom_vmap
+def _decide_by_rule(fields, token, ambiguous, fresh, needs_rule):
+    """`_decide` for the rows that `needs_rule`: none, those few alone (the rule's radix
+    passes then read _RULE_ROWS rows, not B), or the whole batch. `fields`: a local
+    `Truncation`'s fields but the vocabulary."""
+
+    def few_rows():
+        rows = jnp.nonzero(needs_rule, size=_RULE_ROWS)[0]  # padded with row 0
+        picked = jax.tree.map(lambda x: x[rows], (fields, token, ambiguous, fresh))
+        decided = _decide(Truncation(*picked[0]), *picked[1:])
+        return token.at[rows].set(jnp.where(needs_rule[rows], decided, token[rows]))
+
+    count = jnp.sum(needs_rule)
+    few = (count <= _RULE_ROWS) & (token.shape[0] > _RULE_ROWS)
+    branch = jnp.where(count == 0, 0, jnp.where(few, 1, 2))
+    all_rows = functools.partial(_decide_all_rows, fields, token, ambiguous, fresh, needs_rule)
+    return lax.switch(branch, [lambda: token, few_rows, all_rows])
+
+
+@_decide_by_rule.def_vmap
+def _decide_by_rule_batched(axis_size, in_batched, fields, token, ambiguous, fresh, needs_rule):
+    # Under `jax.vmap` a branch index differs per instance, so every branch would run, and
+    # gathering rows would copy [instances, rows, V]: decide on the whole batch instead.
+    in_axes = jax.tree.map(lambda batched: 0 if batched else None, tuple(in_batched))
+    decide = jax.vmap(_decide_all_rows, in_axes=in_axes, axis_size=axis_size)
+    return decide(fields, token, ambiguous, fresh, needs_rule), True
+
+
+def _round_uniforms(keys, draw):  # [B] uniforms of rejection draw `draw` >= 1
+    return jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, draw)))(keys)
+
+
+def _draw_by_rejection(keys, u, t: Truncation, active):
+    """Draws from top-p and min-p's kept set for the `active` rows without searching for
+    top-p's threshold (as FlashInfer does on GPU).
+
+    Draw x from the tokens above a pivot (at first: all, with uniform `u`). Top-p keeps x
+    iff the mass of the tokens strictly above it is below `top_p * total_mass`; min-p iff
+    its logit reaches min-p's threshold. Both remove every token below a removed one, so
+    when x is removed the pivot moves up to x and the tokens drawn from still hold the
+    whole kept set: the draw that is kept follows the kept distribution exactly. A round is
+    one pass over the row: the masses above the pivot, in blocks; their total judges the
+    last draw and the blocks draw the next. A mass within the float rounding bound of the
+    target (`_mass_rounding_bound`) leaves the draw `ambiguous` for the rule to judge.
+
+    Returns [B] tokens, [B] bool ambiguous, [B] bool unjudged (still removed after
+    `_MAX_DRAWS` draws; the token is a fresh, unjudged draw).
+    """
+    _, top_p, min_p_key, _, _ = t.rule_params
+    logits = _blocks(t.logits, -jnp.inf)  # [B, N, 256]
+    mass = _blocks(jnp.exp(t.logits - t.row_max[:, None]))
+    target = top_p * t.total_mass
+    slack = _mass_rounding_bound(t.logits.shape[-1]) * t.total_mass
+    use_p = top_p < 1.0
+
+    def judge_and_draw(carry):
+        draw, token, pivot, active, ambiguous = carry
+
+        def above(logits, mass):  # the mass of the tokens above the pivot
+            return jnp.where(order_key(logits) > pivot.reshape((-1,) + (1,) * (logits.ndim - 1)), mass, 0.0)
+
+        block_mass = jnp.sum(above(logits, mass), axis=-1)  # [B, N]
+        # [B]: of the tokens above the last draw (a cumulative sum, which XLA does not merge
+        # with the block sums into one reduction that would need the masses written out)
+        mass_above = jnp.cumsum(block_mass, axis=-1)[:, -1]
+        min_p_keeps = pivot >= min_p_key
+        kept = (~use_p | (mass_above < target - slack)) & min_p_keeps
+        removed = (use_p & (mass_above >= target + slack)) | ~min_p_keeps
+        first = draw == 0
+        ambiguous |= active & ~first & ~kept & ~removed
+        redraw = active & (first | removed)
+        round_u = jnp.where(first, u, _round_uniforms(keys, draw))
+        drawn = _draw_in_blocks(
+            round_u, block_mass, lambda block: above(_take_block(logits, block), _take_block(mass, block))
+        )
+        token = jnp.where(redraw, drawn, token)
+        drawn_key = order_key(jnp.take_along_axis(t.logits, token[:, None], axis=1)[:, 0])
+        return draw + 1, token, jnp.where(redraw, drawn_key, pivot), redraw, ambiguous
+
+    nothing = jnp.zeros_like(active)
+    start = (jnp.int32(0), nothing.astype(jnp.int32), nothing.astype(jnp.uint32), active, nothing)
+    carry = lax.while_loop(lambda c: (c[0] <= _MAX_DRAWS) & jnp.any(c[3]), judge_and_draw, start)
+    return carry[1], carry[4], carry[3]
