@@ -45,7 +45,7 @@ def check_sampler(mesh):
         # Sharded, the rows off their candidates draw under the whole row's rule; on one
         # device those with only top-p/min-p draw by rejection (same distribution, other
         # tokens), except under `vmap` with shared logits, where they too draw by the rule.
-        want = jax.vmap(lambda k: sample(k, logits, config, history))(jax.random.key(2)[None])
+        want = jax.vmap(lambda k, c=config: sample(k, logits, c, history))(jax.random.key(2)[None])
         want = jax.tree.map(lambda x: x[0], want)
         got = sharded_sample(mesh, jax.random.key(2), split, config, history)
         np.testing.assert_array_equal(got.token_id, want.token_id)
