@@ -302,12 +302,12 @@ def truncation(
     filtering = _filtering(params)
     total_mass, beyond_candidates = _top_p_masses(z, row_max, params, min(num_candidates, vocab), shards)
     rule_params = _rule_params(row_max, *params)
+
+    def whole_row_rule():
+        return _keep_rule(z, row_max, total_mass, *rule_params, shards)[0]
+
     if num_candidates >= vocab and not shards.sharded:  # the whole row is the candidate set
-        rule = lax.cond(
-            jnp.any(filtering),
-            lambda: _keep_rule(z, row_max, total_mass, *rule_params)[0],
-            lambda: _keep_everything(row_max),
-        )
+        rule = lax.cond(jnp.any(filtering), whole_row_rule, lambda: _keep_everything(row_max))
         ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), z.shape)
         nothing_outside = jnp.full_like(row_max, -jnp.inf)
         everywhere = jnp.ones_like(greedy)
@@ -331,11 +331,7 @@ def truncation(
         jnp.any(filtering & ~beyond_candidates), search, no_search
     )
     # Its own conditional, so that a caller who never reads `rule` does not run it.
-    rule = lax.cond(
-        jnp.all(exact),
-        lambda: candidate_rule,
-        lambda: _keep_rule(z, row_max, total_mass, *rule_params, shards)[0],
-    )
+    rule = lax.cond(jnp.all(exact), lambda: candidate_rule, whole_row_rule)
     return Truncation(
         z, row_max, empty, rule, greedy, values, ids, bound, inside,
         candidate_rule, exact, total_mass, rule_params, shards,
@@ -378,17 +374,13 @@ def _keep_everything(row_max):
     return KeepRule(zeros, jnp.zeros_like(row_max), zeros)
 
 
-def _total_mass(z, row_max, params, shards=LOCAL):
-    """[B] sum of exp(z - row_max): top-p's normaliser where top-k is off (the one rule input
-    that needs a pass over the whole row, so it is skipped when no row needs it)."""
-    return _top_p_masses(z, row_max, params, 0, shards)[0]
-
-
 def _top_p_masses(z, row_max, params, width, shards=LOCAL):
-    """`_total_mass` [B], and [B] bool: the rows whose top-p nucleus provably holds more than
-    `width` tokens (top-k off), from one count. With n logits at or above row_max - 1 (each
-    of mass <= 1) and the rest below (each < 1/e), the `width` largest hold at most
-    min(n, width) + max(width - n, 0) / e; below top-p's target, the nucleus is wider."""
+    """[B] sum of exp(z - row_max), top-p's normaliser where top-k is off (the one rule input
+    that needs a pass over the whole row, so it is skipped when no row needs it), and [B]
+    bool: the rows whose top-p nucleus provably holds more than `width` tokens, from one
+    count. With n logits at or above row_max - 1 (each of mass <= 1) and the rest below (each
+    < 1/e), the `width` largest hold at most min(n, width) + max(width - n, 0) / e; below
+    top-p's target, the nucleus is wider."""
     top_k, top_p, *_ = params
     needs_total = (top_p < 1.0) & (top_k == 0)
 
